@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 
 BackendKind = Literal["embedded", "local", "serverless"]
 
@@ -41,11 +41,12 @@ class GRPOConfig(BaseModel):
     lora_rank: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
+    micro_batch_tokens: int = Field(default=2048, ge=64)
     seed: int = 0
 
 
 class Settings(BaseSettings):
-    """All settings. Every field is documented in `.env.example` and in `--help`."""
+    """CoDreamer settings: flags below, or CODREAMER_<NAME> environment variables, or .env."""
 
     model_config = SettingsConfigDict(
         env_prefix="CODREAMER_",
@@ -72,6 +73,7 @@ class Settings(BaseSettings):
     # --- loop ----------------------------------------------------------------------------
     iterations: int = Field(default=2, ge=1, description="Learning-loop iterations (one GRPO step each).")
     epochs: int = Field(default=1, ge=1, description="`train`: passes over the training scenarios.")
+    max_steps: int | None = Field(default=None, ge=1, description="`train`: stop after this many steps (default: all epochs).")
     scenarios_per_step: int = Field(default=2, ge=1, description="Training scenarios (GRPO groups) per step.")
     group_size: int = Field(default=4, ge=2, description="Rollouts per scenario (GRPO group size).")
     eval_scenarios: int = Field(default=2, ge=0, description="Held-out scenarios evaluated per iteration (0 = skip).")
@@ -104,13 +106,13 @@ class Settings(BaseSettings):
     )
 
     # --- tracking ------------------------------------------------------------------------
-    no_wandb: bool = Field(default=False, description="Never initialise Weave / W&B, even with a key.")
+    wandb: bool = Field(default=True, description="Use Weave / W&B when a key is set; --no-wandb never does.")
     weave_project: str = Field(
         default="codreamer",
         validation_alias=AliasChoices("weave_project", "WEAVE_PROJECT", "CODREAMER_WEAVE_PROJECT"),
         description="Weave project for traces (used only when a W&B key is set).",
     )
-    wandb_api_key: SecretStr | None = Field(
+    wandb_api_key: CliSuppress[SecretStr | None] = Field(
         default=None,
         validation_alias=AliasChoices("wandb_api_key", "WANDB_API_KEY"),
         description="W&B key; without it the run is untraced and says so once. Never logged.",

@@ -1,0 +1,111 @@
+"""Micro-batching of concurrent sampling requests.
+
+Rollouts run concurrently, so many chat requests arrive within milliseconds of each
+other. Sampling them one by one would leave the CPU's matrix units mostly idle; this
+collects requests that share sampling settings for a short window and samples them as
+one left-padded batch in a worker thread, then hands each caller its own completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+from loguru import logger
+
+from codreamer.backends.embedded.policy import Policy, Sample
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    n: int
+    max_new_tokens: int
+    temperature: float
+    seed: int | None
+    future: asyncio.Future[list[Sample]] = field(repr=False)
+
+    @property
+    def key(self) -> tuple[int, float]:
+        return self.max_new_tokens, self.temperature
+
+
+class SamplingBatcher:
+    """Queue in front of `Policy.sample`; one batch runs at a time."""
+
+    def __init__(self, policy: Policy, max_batch: int = 16, window_s: float = 0.01) -> None:
+        self.policy = policy
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="sampling-batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+
+    async def sample(
+        self, prompt_ids: list[int], n: int, max_new_tokens: int, temperature: float, seed: int | None
+    ) -> list[Sample]:
+        future: asyncio.Future[list[Sample]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(prompt_ids, n, max_new_tokens, temperature, seed, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = await self._collect(first)
+            await self._sample_batch(batch)
+
+    async def _collect(self, first: _Request) -> list[_Request]:
+        """Gather requests with the same settings as `first` for up to `window_s`."""
+        batch, rows, deferred = [first], first.n, []
+        deadline = asyncio.get_running_loop().time() + self.window_s
+        while rows < self.max_batch:
+            timeout = deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                break
+            try:
+                request = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                break
+            if request.key == first.key and rows + request.n <= self.max_batch:
+                batch.append(request)
+                rows += request.n
+            else:
+                deferred.append(request)
+        for request in deferred:
+            self._queue.put_nowait(request)
+        return batch
+
+    async def _sample_batch(self, batch: list[_Request]) -> None:
+        live = [r for r in batch if not r.future.done()]  # a caller may have timed out
+        if not live:
+            return
+        prompts = [r.prompt_ids for r in live for _ in range(r.n)]
+        first = live[0]
+        try:
+            samples = await anyio.to_thread.run_sync(
+                self.policy.sample, prompts, first.max_new_tokens, first.temperature, first.seed
+            )
+        except Exception as exc:  # the callers get the error; the worker keeps serving
+            logger.exception("sampling failed for a batch of {} prompts", len(prompts))
+            for request in live:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        offset = 0
+        for request in live:
+            if not request.future.done():
+                request.future.set_result(samples[offset : offset + request.n])
+            offset += request.n

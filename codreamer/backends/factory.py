@@ -1,0 +1,44 @@
+"""Choosing the training backend from settings.
+
+`embedded` (default) trains on this machine's CPU. `local` is ART's LocalBackend (unsloth +
+vLLM, needs a CUDA GPU) and `serverless` is W&B's hosted training (needs WANDB_API_KEY);
+both are imported only when chosen, so the default needs neither a GPU nor a network.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from codreamer.config import Settings
+
+
+class BackendUnavailable(RuntimeError):
+    """The chosen backend cannot run here; the message says why and what to do."""
+
+
+def create_backend(settings: Settings) -> Any:
+    if settings.backend == "embedded":
+        from codreamer.backends.embedded.backend import EmbeddedBackend
+
+        return EmbeddedBackend(settings.model_cache_dir, settings.grpo_config(), max_batch=settings.rollout_concurrency * 2)
+    if settings.backend == "local":
+        return _local_backend(settings)
+    return _serverless_backend(settings)
+
+
+def _local_backend(settings: Settings) -> Any:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("backend 'local' (ART LocalBackend) needs a CUDA GPU; use --backend embedded on CPU")
+    from art.local import LocalBackend
+
+    return LocalBackend(path=str(settings.runs_dir))
+
+
+def _serverless_backend(settings: Settings) -> Any:
+    if settings.wandb_api_key is None:
+        raise BackendUnavailable("backend 'serverless' trains on W&B and needs WANDB_API_KEY")
+    from art.serverless.backend import ServerlessBackend
+
+    return ServerlessBackend(api_key=settings.wandb_api_key.get_secret_value())

@@ -1,0 +1,29 @@
+"""Which scenarios each iteration trains on: a deterministic function of (seed, iteration).
+
+The order of the training scenarios is reshuffled each epoch with `Random(seed + epoch)`
+and iteration `i` takes the next `per_step` of them. Because it depends on nothing else,
+a resumed run picks exactly the scenarios the uninterrupted run would have picked.
+"""
+
+from __future__ import annotations
+
+import random
+
+from codreamer.domain import Scenario
+
+
+def scenarios_for_iteration(train: list[Scenario], iteration: int, per_step: int, seed: int) -> list[Scenario]:
+    if not train:
+        raise ValueError("no training scenarios")
+    picked: list[Scenario] = []
+    start = iteration * per_step
+    for position in range(start, start + per_step):
+        epoch, index = divmod(position, len(train))
+        order = list(train)
+        random.Random(seed + epoch).shuffle(order)
+        picked.append(order[index])
+    return picked
+
+
+def iterations_per_epoch(num_train: int, per_step: int) -> int:
+    return max(1, -(-num_train // per_step))
