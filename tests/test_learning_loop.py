@@ -1,0 +1,81 @@
+"""The real learning loop on the real SmolLM2-135M model, kept short (few tokens, small groups).
+
+These are the slowest tests (tens of seconds on 2 CPU cores): they load the embedded model,
+serve it on loopback, run rollouts, score them, take a real GRPO step, checkpoint, evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from codreamer.cli import codreamer_main, learn_loop_main, train_main
+from codreamer.config import Settings
+from codreamer.pipeline.history import read_history
+
+pytestmark = pytest.mark.slow
+
+FAST_FLAGS = [
+    "--group-size", "3",
+    "--scenarios-per-step", "1",
+    "--max-turns", "1",
+    "--max-tokens", "12",
+    "--eval-scenarios", "1",
+    "--no-wandb",
+]
+
+
+def _run_dir(runs: Path, run_id: str) -> Path:
+    return runs / "codreamer" / "models" / run_id
+
+
+def test_learn_loop_runs_an_iteration_then_resumes_by_run_id(tmp_path: Path) -> None:
+    flags = [*FAST_FLAGS, "--runs-dir", str(tmp_path), "--run-id", "it-test"]
+    assert learn_loop_main([*flags, "--iterations", "1"]) == 0
+
+    directory = _run_dir(tmp_path, "it-test")
+    records, skipped = read_history(directory / "iterations.jsonl")
+    assert skipped == 0 and len(records) == 1
+    first = records[0]
+    assert first["step"] == 1 and first["iteration"] == 1
+    assert first["train/reward_count"] == 3
+    assert 0.0 <= first["train/reward_min"] <= first["train/reward_max"] <= 1.0
+    assert {"train/rubric/personalization", "train/rubric/no_hallucination", "eval/reward_mean"} <= first.keys()
+    assert first["train_metrics/groups_used"] + first["train_metrics/groups_skipped"] == 1
+    assert all(first[f"time/{stage}_s"] >= 0 for stage in ("generate", "score", "train", "evaluate", "log"))
+    adapter = directory / "checkpoints" / "0001" / "adapter_model.safetensors"
+    assert adapter.is_file() and load_file(str(adapter))
+    run = json.loads((directory / "run.json").read_text())
+    assert run["status"] == "finished" and "wandb_api_key" not in run["settings"]
+
+    # Same run id, two iterations in total: only the second one runs.
+    assert learn_loop_main([*flags, "--iterations", "2"]) == 0
+    records, _ = read_history(directory / "iterations.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert (directory / "checkpoints" / "0002").is_dir()
+    assert codreamer_main(["--runs-dir", str(tmp_path), "show", "it-test"]) == 0
+
+
+def test_train_runs_max_steps(tmp_path: Path) -> None:
+    flags = [*FAST_FLAGS, "--runs-dir", str(tmp_path), "--run-id", "train-test", "--max-steps", "1"]
+    assert train_main(flags) == 0
+    records, _ = read_history(_run_dir(tmp_path, "train-test") / "iterations.jsonl")
+    assert [r["step"] for r in records] == [1]
+    assert "eval/reward_mean" in records[0]  # the last step is evaluated
+
+
+@pytest.mark.parametrize("entry", [learn_loop_main, train_main])
+def test_help_documents_every_flag(entry, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        entry(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name, field in Settings.model_fields.items():
+        if name == "wandb_api_key":
+            assert "--wandb-api-key" not in text  # secrets never on the command line
+            continue
+        assert f"--{name.replace('_', '-')}" in text, name
+        assert field.description and field.description.split()[0] in text
