@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 
 import anyio
@@ -28,8 +29,17 @@ def _parse_settings(prog: str, description: str, argv: Sequence[str] | None) -> 
         raise SystemExit(f"{prog}: invalid settings:\n{exc}") from None
 
 
-def _run(main: object) -> int:
+def _quiet_library_noise() -> None:
+    """peft calls a transformers API that warns on every model wrap; it is not ours to fix."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _run(main: object, settings: Settings) -> int:
     configure_logging()
+    _quiet_library_noise()
+    from codreamer.tracking import init_tracking
+
+    init_tracking(settings)  # before the first op runs, so an untraced run stays quiet
     try:
         anyio.run(main)  # type: ignore[arg-type]
     except KeyboardInterrupt:
@@ -46,7 +56,7 @@ def learn_loop_main(argv: Sequence[str] | None = None) -> int:
     settings = _parse_settings("learn-loop", learn_loop_main.__doc__ or "", argv)
     from codreamer.pipeline.loop import run_learning_loop
 
-    return _run(lambda: run_learning_loop(settings.iterations, settings.run_id, settings))
+    return _run(lambda: run_learning_loop(settings.iterations, settings.run_id, settings), settings)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +64,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     settings = _parse_settings("train", train_main.__doc__ or "", argv)
     from codreamer.pipeline.loop import run_training
 
-    return _run(lambda: run_training(settings))
+    return _run(lambda: run_training(settings), settings)
 
 
 def _cmd_runs(settings: Settings, _args: argparse.Namespace) -> int:

@@ -10,10 +10,14 @@ so that they depend on what they use, not on the whole settings object.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from codreamer.rewards.blend import RewardMixConfig
+    from codreamer.rewards.ruler import JudgeConfig
 
 BackendKind = Literal["embedded", "local", "serverless"]
 
@@ -105,6 +109,34 @@ class Settings(BaseSettings):
         description="Where the embedded model is cached as safetensors after the first load.",
     )
 
+    # --- rewards -------------------------------------------------------------------------
+    rubric_weight: float = Field(default=0.4, ge=0, description="Weight of the offline rubric in the reward.")
+    ruler_weight: float = Field(default=0.4, ge=0, description="Weight of RULER (LLM judge); dropped when no judge is set.")
+    online_weight: float = Field(default=0.2, ge=0, description="Weight of online outcomes (opened/replied).")
+    outcomes: Literal["simulator", "log", "off"] = Field(
+        default="simulator",
+        description="Online outcomes: simulator (seeded ProspectSimulator, not real data), log (only events "
+        "ingested into the event log) or off.",
+    )
+    events_path: Path | None = Field(
+        default=None, description="JSONL event log of online outcomes. Default: <runs-dir>/<project>/events.jsonl."
+    )
+    events_secret: CliSuppress[SecretStr | None] = Field(
+        default=None, description="Shared HMAC secret of the `codreamer serve-events` webhook. Never logged.", exclude=True
+    )
+    judge_model: str | None = Field(
+        default=None, description="RULER judge as a litellm model name, e.g. openai/gpt-4.1-mini. Unset: no judge."
+    )
+    judge_base_url: str | None = Field(default=None, description="OpenAI-compatible base URL of the judge.")
+    judge_api_key: CliSuppress[SecretStr | None] = Field(
+        default=None, description="API key of the judge. Never logged.", exclude=True
+    )
+    judge_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one judge call, seconds.")
+    judge_attempts: int = Field(default=3, ge=1, description="Judge attempts on transient errors.")
+    low_reward_threshold: float = Field(
+        default=0.4, ge=0, le=1, description="Trajectories below this reward are collected as failures."
+    )
+
     # --- tracking ------------------------------------------------------------------------
     wandb: bool = Field(default=True, description="Use Weave / W&B when a key is set; --no-wandb never does.")
     weave_project: str = Field(
@@ -118,6 +150,29 @@ class Settings(BaseSettings):
         description="W&B key; without it the run is untraced and says so once. Never logged.",
         exclude=True,
     )
+
+    def resolved_events_path(self) -> Path:
+        return self.events_path or self.runs_dir / self.project / "events.jsonl"
+
+    def reward_mix(self) -> RewardMixConfig:
+        from codreamer.rewards.blend import RewardMixConfig
+
+        return RewardMixConfig(
+            rubric_weight=self.rubric_weight, ruler_weight=self.ruler_weight, online_weight=self.online_weight
+        )
+
+    def judge_config(self) -> JudgeConfig | None:
+        if self.judge_model is None:
+            return None
+        from codreamer.rewards.ruler import JudgeConfig
+
+        return JudgeConfig(
+            model=self.judge_model,
+            base_url=self.judge_base_url,
+            api_key=self.judge_api_key,
+            timeout_s=self.judge_timeout_s,
+            attempts=self.judge_attempts,
+        )
 
     def rollout_config(self) -> RolloutConfig:
         return RolloutConfig(

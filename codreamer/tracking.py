@@ -15,21 +15,35 @@ from loguru import logger
 from codreamer.config import Settings
 
 
+def _run_untraced(reason: str) -> bool:
+    # WEAVE_DISABLED makes every op a plain call, without Weave's own "not initialised" print.
+    os.environ["WEAVE_DISABLED"] = "true"
+    logger.info("{}: running untraced (no Weave); local history and logs only", reason)
+    return False
+
+
+_traced: bool | None = None  # decided once per process
+
+
 def init_tracking(settings: Settings) -> bool:
-    """Initialise Weave when a key is set; return whether traces are recorded."""
+    """Initialise Weave when a key is set; return whether traces are recorded. Idempotent."""
+    global _traced
+    if _traced is None:
+        _traced = _init(settings)
+    return _traced
+
+
+def _init(settings: Settings) -> bool:
     if not settings.wandb:
-        logger.info("tracking off (--no-wandb): no Weave traces; local history and logs only")
-        return False
+        return _run_untraced("tracking off (--no-wandb)")
     if settings.wandb_api_key is None:
-        logger.info("no WANDB_API_KEY: running untraced (no Weave); local history and logs only")
-        return False
+        return _run_untraced("no WANDB_API_KEY")
     os.environ.setdefault("WANDB_API_KEY", settings.wandb_api_key.get_secret_value())
     import weave
 
     try:
         weave.init(settings.weave_project)
     except Exception as exc:  # an unreachable server must not stop training
-        logger.warning("Weave init failed ({}): running untraced", type(exc).__name__)
-        return False
+        return _run_untraced(f"Weave init failed ({type(exc).__name__})")
     logger.info("Weave traces go to project {}", settings.weave_project)
     return True

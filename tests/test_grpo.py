@@ -140,12 +140,31 @@ def _trajectory(reward: float, turns: list[tuple[list[int], list[int]]]) -> art.
 
 
 def test_trajectory_sequences_take_the_token_ids_of_every_choice() -> None:
-    traj = _trajectory(1.0, [([10, 11], [12, 13, 14]), ([10, 11, 12, 13, 14, 20], [21]), ([5], [])])
+    traj = _trajectory(1.0, [([10, 11], [12, 13, 14]), ([10, 11, 12, 15, 20], [21]), ([5], [])])
     seqs = trajectory_sequences(traj, advantage=0.5)
     assert seqs == [
         TrainSequence([10, 11], [12, 13, 14], 0.5),
-        TrainSequence([10, 11, 12, 13, 14, 20], [21], 0.5),
-    ]  # the empty completion is dropped
+        TrainSequence([10, 11, 12, 15, 20], [21], 0.5),
+    ]  # the second prompt does not hold the first turn: no fold; the empty completion is dropped
+
+
+def test_a_turn_held_by_the_next_prompt_is_folded_into_it() -> None:
+    traj = _trajectory(1.0, [([10, 11], [12, 13, 14]), ([10, 11, 12, 13, 14, 20], [21]), ([5], [])])
+    seqs = trajectory_sequences(traj, advantage=0.5)
+    assert seqs == [TrainSequence([10, 11, 12, 13, 14, 20], [21], 0.5, ((2, 5),))]
+    assert seqs[0].trained_tokens == 4
+
+
+def test_folded_sequences_have_the_same_loss_and_gradient_as_separate_turns() -> None:
+    policy = tiny_policy()
+    randomize_lora_b(policy)
+    first = TrainSequence([1, 2, 3], [4, 5, 6], -0.7)
+    second = TrainSequence([1, 2, 3, 4, 5, 6, 7, 8], [9, 10], -0.7)
+    folded = TrainSequence(second.prompt_ids, second.completion_ids, -0.7, ((3, 6),))
+    separate_loss, separate_sum = policy.policy_loss([first, second], normalizer=5)
+    folded_loss, folded_sum = policy.policy_loss([folded], normalizer=5)
+    assert float(folded_loss) == pytest.approx(float(separate_loss), abs=1e-5)
+    assert folded_sum == pytest.approx(separate_sum, abs=1e-4)
 
 
 def test_trajectory_sequences_accept_choices_in_dict_form() -> None:
@@ -181,8 +200,11 @@ def test_build_grpo_batch_skips_and_counts_groups_without_spread() -> None:
     single = art.TrajectoryGroup([_trajectory(1.0, [([7], [10])])])
     batch = build_grpo_batch([flat, spread, single])
     assert (batch.groups_used, batch.groups_skipped) == (1, 2)
-    assert [(s.prompt_ids, s.completion_ids) for s in batch.sequences] == [([1], [2, 3]), ([1, 2, 3, 4], [5]), ([1], [6])]
-    assert [s.advantage for s in batch.sequences] == pytest.approx([1.0, 1.0, -1.0], rel=1e-5)
+    assert [(s.prompt_ids, s.completion_ids, s.prompt_spans) for s in batch.sequences] == [
+        ([1, 2, 3, 4], [5], ((1, 3),)),
+        ([1], [6], ()),
+    ]
+    assert [s.advantage for s in batch.sequences] == pytest.approx([1.0, -1.0], rel=1e-5)
 
 
 def test_build_grpo_batch_of_only_flat_groups_is_empty() -> None:
@@ -236,7 +258,7 @@ def test_train_step_gradient_equals_the_reference_loss_gradient() -> None:
 
 
 def test_micro_batched_gradient_equals_one_big_batch() -> None:
-    sequences = random_sequences(MIXED + [(20, 12, 0.9), (3, 4, -0.2)], seed=3)
+    sequences = random_sequences(MIXED + [(20, 12, 0.9), (3, 4, -0.2), (30, 10, 0.5)], seed=3)
     small = tiny_policy(max_grad_norm=1e9, micro_batch_tokens=64)
     large = tiny_policy(max_grad_norm=1e9, micro_batch_tokens=100_000)
     for policy in (small, large):

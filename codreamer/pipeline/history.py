@@ -26,12 +26,20 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _ends_torn(fd: int) -> bool:
+    """True when the file is non-empty and its last byte is not a newline."""
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
 def append_record(path: Path, record: dict[str, Any]) -> None:
     line = (json.dumps(_finite(record), default=str, allow_nan=False) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if _ends_torn(fd):
+            line = b"\n" + line  # end the fragment a crash left, so this record stays whole
         os.write(fd, line)
         os.fsync(fd)
     finally:

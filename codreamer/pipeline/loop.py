@@ -9,6 +9,7 @@ checkpoint instead of starting over.
 from __future__ import annotations
 
 import resource
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from codreamer.backends.factory import create_backend
 from codreamer.config import Settings
 from codreamer.data import TaskData, load_task_data
 from codreamer.log import configure_logging
-from codreamer.pipeline.history import append_record
+from codreamer.pipeline.history import append_record, read_history
 from codreamer.pipeline.scenarios import iterations_per_epoch, scenarios_for_iteration
 from codreamer.pipeline.stages import (
     RewardStats,
@@ -36,6 +37,9 @@ from codreamer.pipeline.stages import (
     log_rewards_metrics,
     score_trajectories,
 )
+from codreamer.events.log import EventLog
+from codreamer.rewards.scoring import RewardScorer
+from codreamer.rewards.simulator import ProspectSimulator
 from codreamer.runs import ITERATIONS_FILE, LOG_FILE, RUN_FILE, new_run_id, run_dir, write_json_atomic
 from codreamer.tracking import init_tracking
 
@@ -53,6 +57,7 @@ class Run:
     backend: Any
     model: art.TrainableModel
     plan: RolloutPlan
+    scorer: RewardScorer
 
     @property
     def history_path(self) -> Path:
@@ -88,6 +93,39 @@ def _write_run_file(directory: Path, run_id: str, kind: LoopKind, settings: Sett
     )
 
 
+def discard_uncommitted_checkpoints(directory: Path) -> int:
+    """Make the history the source of truth for resuming; return the committed step.
+
+    An iteration is committed when its history record is written, which happens after its
+    checkpoint is saved. A checkpoint newer than the last record belongs to an iteration
+    that crashed before committing: it is removed, so that iteration runs again once and
+    is neither trained twice nor lost.
+    """
+    records, _ = read_history(directory / ITERATIONS_FILE)
+    committed = max((int(r["step"]) for r in records), default=0)
+    checkpoints = directory / "checkpoints"
+    for folder in sorted(checkpoints.glob("[0-9][0-9][0-9][0-9]*")) if checkpoints.is_dir() else []:
+        if folder.is_dir() and folder.name.isdigit() and int(folder.name) > committed:
+            logger.warning("removing checkpoint {} of an iteration that did not finish", folder.name)
+            shutil.rmtree(folder)
+    return committed
+
+
+def build_scorer(settings: Settings, task: TaskData, *, online: bool) -> RewardScorer:
+    """The reward sources this run uses; `train` (online=False) never touches the event log."""
+    events = simulator = None
+    if online and settings.outcomes != "off":
+        events = EventLog.open(settings.resolved_events_path())
+        if settings.outcomes == "simulator":
+            simulator = ProspectSimulator(settings.seed)
+            logger.info("online outcomes come from the ProspectSimulator (seeded simulator, not real data)")
+    if settings.judge_model is None and settings.ruler_weight > 0:
+        logger.info("no judge configured (--judge-model): RULER is left out and the other parts renormalised")
+    return RewardScorer(
+        task.product, settings.reward_mix(), judge=settings.judge_config(), events=events, simulator=simulator
+    )
+
+
 @asynccontextmanager
 async def open_run(settings: Settings, kind: LoopKind) -> AsyncIterator[Run]:
     """Create or reopen the run directory, register the model with the backend, clean up after."""
@@ -97,6 +135,7 @@ async def open_run(settings: Settings, kind: LoopKind) -> AsyncIterator[Run]:
     configure_logging(log_file=directory / LOG_FILE)
     with logger.contextualize(run_id=run_id):
         init_tracking(settings)
+        discard_uncommitted_checkpoints(directory)
         task = load_task_data(settings.data_dir)
         backend = create_backend(settings)
         model = art.TrainableModel(
@@ -116,10 +155,11 @@ async def open_run(settings: Settings, kind: LoopKind) -> AsyncIterator[Run]:
             max_exceptions=settings.max_exceptions,
             seed=settings.seed,
         )
+        scorer = build_scorer(settings, task, online=kind == "learn-loop")
         _write_run_file(directory, run_id, kind, settings, "running")
         status = "failed"
         try:
-            yield Run(run_id, directory, settings, task, backend, model, plan)
+            yield Run(run_id, directory, settings, task, backend, model, plan, scorer)
             status = "finished"
         except KeyboardInterrupt:
             status = "interrupted"
@@ -158,7 +198,7 @@ async def run_iteration(run: Run, iteration: int, evaluate_after: bool) -> dict[
     timings["generate_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    groups = await score_trajectories(groups, scenarios, run.task.product)
+    scoring = await score_trajectories(groups, scenarios, run.scorer, step=step, emails_sent=run.scorer.events is not None)
     train_stats = RewardStats.of([t for g in groups for t in g.trajectories])
     timings["score_s"] = time.perf_counter() - started
 
@@ -172,7 +212,7 @@ async def run_iteration(run: Run, iteration: int, evaluate_after: bool) -> dict[
     if evaluate_after and settings.eval_scenarios:
         started = time.perf_counter()
         eval_groups, eval_stats = await evaluate(
-            run.model, run.task.heldout[: settings.eval_scenarios], run.plan, step=result.step
+            run.model, run.task.heldout[: settings.eval_scenarios], run.plan, run.scorer, step=result.step
         )
         timings["evaluate_s"] = time.perf_counter() - started
 
@@ -188,6 +228,9 @@ async def run_iteration(run: Run, iteration: int, evaluate_after: bool) -> dict[
         "scenarios": [s.scenario_id for s in scenarios],
         **_stats_record("train", train_stats),
         **_rollout_health(groups),
+        "score/judge_errors": scoring.judge_errors,
+        "score/renormalized": scoring.renormalized,
+        "score/outcomes_appended": scoring.outcomes_appended,
         **{f"train_metrics/{k}": v for k, v in result.metrics.items()},
         **(_stats_record("eval", eval_stats) if eval_groups else {}),
         **{f"time/{k}": v for k, v in timings.items()},

@@ -20,7 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from codreamer.config import RolloutConfig
 from codreamer.domain import Product, Scenario
-from codreamer.rewards.scoring import score_trajectory
+from codreamer.rewards.scoring import RewardScorer, ScoringSummary
 from codreamer.training.rollout import rollout
 
 
@@ -52,7 +52,7 @@ class RewardStats:
         rewards = [t.reward for t in trajectories]
         if not rewards:
             return cls()
-        part_names = sorted({k for t in trajectories for k in t.metrics if k.startswith("rubric/")})
+        part_names = sorted({k for t in trajectories for k in t.metrics if k.startswith(("rubric/", "reward/"))})
         parts = {
             name: statistics.fmean(float(t.metrics[name]) for t in trajectories if name in t.metrics) for name in part_names
         }
@@ -98,15 +98,15 @@ async def generate_trajectories(
 
 @weave.op
 async def score_trajectories(
-    groups: list[art.TrajectoryGroup], scenarios: Sequence[Scenario], product: Product
-) -> list[art.TrajectoryGroup]:
-    """Set each trajectory's reward from the offline rubric; every part goes in its metrics."""
-    by_id = {s.scenario_id: s for s in scenarios}
-    for group in groups:
-        scenario = by_id[group.metadata["scenario_id"]]
-        for trajectory in group.trajectories:
-            score_trajectory(trajectory, scenario.prospect, product)
-    return groups
+    groups: list[art.TrajectoryGroup],
+    scenarios: Sequence[Scenario],
+    scorer: RewardScorer,
+    *,
+    step: int,
+    emails_sent: bool,
+) -> ScoringSummary:
+    """Blend rubric, RULER and online outcomes into each trajectory's reward (parts in metrics)."""
+    return await scorer.score(groups, scenarios, step=step, emails_sent=emails_sent)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -136,12 +136,16 @@ async def grpo_update(
 
 @weave.op
 async def evaluate(
-    model: art.Model, scenarios: Sequence[Scenario], plan: RolloutPlan, *, step: int
+    model: art.Model, scenarios: Sequence[Scenario], plan: RolloutPlan, scorer: RewardScorer, *, step: int
 ) -> tuple[list[art.TrajectoryGroup], RewardStats]:
-    """Score the current policy on held-out scenarios (never trained on), one sample each."""
+    """Score the current policy on held-out scenarios (never trained on), one sample each.
+
+    Evaluation emails are not sent: no outcome is simulated or read for them, so their
+    reward is the blend of the offline parts (renormalised, and recorded as such).
+    """
     eval_plan = RolloutPlan(plan.product, plan.config, 1, plan.concurrency, plan.max_exceptions, plan.seed + 7919)
     groups = await generate_trajectories(model, scenarios, eval_plan, step=step, pbar_desc="eval")
-    groups = await score_trajectories(groups, scenarios, plan.product)
+    await score_trajectories(groups, scenarios, scorer, step=step, emails_sent=False)
     return groups, RewardStats.of([t for g in groups for t in g.trajectories])
 
 

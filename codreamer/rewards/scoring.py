@@ -1,21 +1,158 @@
-"""Scoring one trajectory: the reward it is trained on, and every part of it, on the trajectory.
+"""Scoring a batch of trajectory groups: rubric, RULER, online outcomes, then the blend.
 
-Today the reward is the offline rubric's total. Each rubric part is stored in
-`trajectory.metrics` under `rubric/<part>` so it is logged separately, and the reward that
-GRPO trains on is the same number that is logged as `reward`.
+For each trajectory the offline rubric is computed; for each group RULER is asked when a
+judge is configured (groups concurrently); when the emails count as sent (training, not
+evaluation) and the simulator is on, its outcomes are appended to the event log; the log
+is then refreshed incrementally and each trajectory's outcomes are read back from it. The
+parts are blended (`codreamer.rewards.blend`) and the total is written to
+`trajectory.reward`, with every part in `trajectory.metrics`: the number trained on is the
+number logged. A judge failure is recorded as `ruler/judge_error`, never as a zero.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
 import art
 
-from codreamer.domain import Product, Prospect
-from codreamer.rewards.rubric import score_email
+from codreamer.domain import Product, Scenario
+from codreamer.events.models import OnlineOutcome
+from codreamer.rewards.blend import OutcomeFlags, RewardMixConfig, compute_rewards
+from codreamer.rewards.rubric import RubricScore, score_email
+from codreamer.rewards.simulator import ProspectSimulator
 from codreamer.training.rollout import email_from_trajectory
 
 
-def score_trajectory(trajectory: art.Trajectory, prospect: Prospect, product: Product) -> float:
-    rubric = score_email(email_from_trajectory(trajectory), prospect, product)
-    trajectory.metrics.update(rubric.as_metrics())
-    trajectory.reward = rubric.total
-    return trajectory.reward
+class OutcomeStore(Protocol):
+    """What scoring needs of the event log."""
+
+    def append(self, outcomes: Sequence[OnlineOutcome]) -> int: ...
+    def refresh(self) -> Any: ...
+    def summaries(self, trajectory_ids: Sequence[str]) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class ScoringSummary:
+    trajectories: int
+    judge_errors: int
+    renormalized: int
+    outcomes_appended: int
+
+
+def _trajectories(groups: Sequence[art.TrajectoryGroup]) -> list[art.Trajectory]:
+    return [t for g in groups for t in g.trajectories]
+
+
+def _tid(trajectory: art.Trajectory) -> str:
+    return str(trajectory.metadata["trajectory_id"])
+
+
+def _flags(summary: Any) -> OutcomeFlags:
+    return OutcomeFlags(
+        opened=bool(getattr(summary, "opened", False)),
+        replied=bool(getattr(summary, "replied", False)),
+        bounced=bool(getattr(summary, "bounced", False)),
+        unsubscribed=bool(getattr(summary, "unsubscribed", False)),
+        meeting_booked=bool(getattr(summary, "meeting_booked", False)),
+    )
+
+
+class RewardScorer:
+    """Holds the reward configuration and the sources; `score` is called once per stage."""
+
+    def __init__(
+        self,
+        product: Product,
+        mix: RewardMixConfig,
+        *,
+        judge: Any | None = None,
+        events: OutcomeStore | None = None,
+        simulator: ProspectSimulator | None = None,
+    ) -> None:
+        self.product = product
+        self.mix = mix
+        self.judge = judge
+        self.events = events
+        self.simulator = simulator
+
+    async def score(
+        self, groups: list[art.TrajectoryGroup], scenarios: Sequence[Scenario], *, step: int, emails_sent: bool
+    ) -> ScoringSummary:
+        by_id = {s.scenario_id: s for s in scenarios}
+        rubric = self._score_rubric(groups, by_id)
+        judge_errors = await self._judge(groups)
+        appended = self._simulate_outcomes(groups, by_id, rubric, step) if emails_sent else 0
+        outcomes = self._read_outcomes(groups)
+        ruler = {_tid(t): t.metrics.get("ruler/score") for t in _trajectories(groups)}
+        totals = compute_rewards(
+            [_tid(t) for t in _trajectories(groups)],
+            self.mix,
+            rubric={tid: score.total for tid, score in rubric.items()},
+            ruler=ruler,
+            outcomes=outcomes,
+        )
+        renormalized = 0
+        for trajectory in _trajectories(groups):
+            blended = totals[_tid(trajectory)]
+            trajectory.metrics.update(blended.as_metrics())
+            trajectory.reward = blended.total
+            renormalized += blended.renormalized
+        return ScoringSummary(len(totals), judge_errors, renormalized, appended)
+
+    def _score_rubric(self, groups: list[art.TrajectoryGroup], by_id: Mapping[str, Scenario]) -> dict[str, RubricScore]:
+        scores = {}
+        for group in groups:
+            prospect = by_id[group.metadata["scenario_id"]].prospect
+            for trajectory in group.trajectories:
+                score = score_email(email_from_trajectory(trajectory), prospect, self.product)
+                trajectory.metrics.update(score.as_metrics())
+                scores[_tid(trajectory)] = score
+        return scores
+
+    async def _judge(self, groups: list[art.TrajectoryGroup]) -> int:
+        """RULER on every group at once; returns how many groups ended in a judge error."""
+        if self.judge is None:
+            return 0
+        from codreamer.rewards.ruler import apply_judgement, judge_group
+
+        errors = 0
+
+        async def judge_one(group: art.TrajectoryGroup) -> None:
+            nonlocal errors
+            judgement = await judge_group(group, self.judge)
+            apply_judgement(group, judgement)
+            errors += judgement.judge_error is not None
+
+        async with anyio.create_task_group() as tasks:
+            for group in groups:
+                if group.trajectories:
+                    tasks.start_soon(judge_one, group)
+        return errors
+
+    def _simulate_outcomes(
+        self,
+        groups: list[art.TrajectoryGroup],
+        by_id: Mapping[str, Scenario],
+        rubric: Mapping[str, RubricScore],
+        step: int,
+    ) -> int:
+        if self.simulator is None or self.events is None:
+            return 0
+        outcomes = [
+            self.simulator.simulate(
+                _tid(t), by_id[g.metadata["scenario_id"]].prospect, email_from_trajectory(t), rubric[_tid(t)], step
+            )
+            for g in groups
+            for t in g.trajectories
+        ]
+        return self.events.append(outcomes)
+
+    def _read_outcomes(self, groups: list[art.TrajectoryGroup]) -> dict[str, OutcomeFlags]:
+        if self.events is None:
+            return {}
+        self.events.refresh()
+        summaries = self.events.summaries([_tid(t) for t in _trajectories(groups)])
+        return {tid: _flags(summary) for tid, summary in summaries.items() if summary is not None}

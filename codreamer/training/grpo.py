@@ -56,13 +56,32 @@ def _is_choice(item: Any) -> bool:
     return isinstance(item, Choice) or (isinstance(item, Mapping) and "finish_reason" in item and "message" in item)
 
 
+def _extends(later: TrainSequence, earlier: TrainSequence) -> bool:
+    """True when `later`'s prompt begins with exactly `earlier`'s prompt + completion tokens."""
+    head = earlier.length
+    return len(later.prompt_ids) >= head and later.prompt_ids[:head] == earlier.prompt_ids + earlier.completion_ids
+
+
+def _merge(earlier: TrainSequence, later: TrainSequence) -> TrainSequence:
+    span = (len(earlier.prompt_ids), earlier.length)
+    spans = (*earlier.prompt_spans, *([span] if earlier.completion_ids else []), *later.prompt_spans)
+    return TrainSequence(later.prompt_ids, later.completion_ids, later.advantage, spans)
+
+
 def trajectory_sequences(trajectory: art.Trajectory, advantage: float) -> list[TrainSequence]:
-    sequences = []
+    """One sequence per assistant turn, folded into the next turn's sequence whenever that
+    turn's prompt holds the earlier turn token for token (the usual case), so a multi-turn
+    episode is usually one sequence. The fold is exact: the same tokens get the same loss."""
+    sequences: list[TrainSequence] = []
     for item in trajectory.messages_and_choices:
-        if _is_choice(item):
-            prompt_ids, token_ids = _choice_token_ids(item)
-            if token_ids:
-                sequences.append(TrainSequence(prompt_ids, token_ids, advantage))
+        if not _is_choice(item):
+            continue
+        prompt_ids, token_ids = _choice_token_ids(item)
+        current = TrainSequence(prompt_ids, token_ids, advantage)
+        if sequences and _extends(current, sequences[-1]):
+            current = _merge(sequences.pop(), current)
+        if current.completion_ids or current.prompt_spans:
+            sequences.append(current)
     return sequences
 
 

@@ -93,10 +93,11 @@ class SamplingBatcher:
         if not live:
             return
         prompts = [r.prompt_ids for r in live for _ in range(r.n)]
+        seeds = [None if r.seed is None else r.seed + k for r in live for k in range(r.n)]
         first = live[0]
         try:
             samples = await anyio.to_thread.run_sync(
-                self.policy.sample, prompts, first.max_new_tokens, first.temperature, first.seed
+                self.policy.sample, prompts, first.max_new_tokens, first.temperature, seeds
             )
         except Exception as exc:  # the callers get the error; the worker keeps serving
             logger.exception("sampling failed for a batch of {} prompts", len(prompts))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +38,35 @@ class Sample:
 
 @dataclass(frozen=True)
 class TrainSequence:
-    """One assistant turn to reinforce: prompt tokens, completion tokens, its advantage."""
+    """Tokens to reinforce with one advantage: the completion, plus `prompt_spans`.
+
+    `prompt_spans` are [start, end) ranges of `prompt_ids` that were sampled too: earlier
+    turns of the same episode, which a multi-turn trajectory carries in its last prompt.
+    Training them inside the last turn's sequence costs one forward pass instead of one per
+    turn, with the same loss.
+    """
 
     prompt_ids: list[int]
     completion_ids: list[int]
     advantage: float
+    prompt_spans: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return len(self.completion_ids) + sum(end - start for start, end in self.prompt_spans)
+
+
+def _row_generators(seed: int | Sequence[int | None] | None, rows: int) -> list[torch.Generator | None]:
+    if seed is None:
+        return [None] * rows
+    seeds = [seed + row for row in range(rows)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != rows:
+        raise ValueError(f"{len(seeds)} seeds for {rows} prompts")
+    return [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
 
 
 class Policy:
@@ -69,15 +94,27 @@ class Policy:
     # ----------------------------------------------------------------------------- sampling
     @torch.inference_mode()
     def sample(
-        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int | None = None
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        seed: int | Sequence[int | None] | None = None,
     ) -> list[Sample]:
-        """Sample one completion per prompt, batched with left padding and a KV cache."""
+        """Sample one completion per prompt, batched with left padding and a KV cache.
+
+        `seed` is one seed per row (or an int: row i gets seed + i). Each row draws from its
+        own generator, so a request's tokens do not depend on which other requests happened
+        to share its batch.
+        """
         with self._lock:
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            return self._sample_locked(prompts, max_new_tokens, temperature, generator)
+            return self._sample_locked(prompts, max_new_tokens, temperature, _row_generators(seed, len(prompts)))
 
     def _sample_locked(
-        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, generator: torch.Generator | None
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        generators: list[torch.Generator | None],
     ) -> list[Sample]:
         input_ids, attention = self._left_pad(prompts)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -98,7 +135,7 @@ class Policy:
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
-            chosen, chosen_logprobs = self._choose(logits, temperature, generator)
+            chosen, chosen_logprobs = self._choose(logits, temperature, generators)
             for row in range(batch):
                 if finished[row]:
                     continue
@@ -120,15 +157,18 @@ class Policy:
 
     @staticmethod
     def _choose(
-        logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+        logits: torch.Tensor, temperature: float, generators: list[torch.Generator | None]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick the next token; return it and its log-probability under the sampling distribution."""
+        """Pick the next token per row; return it and its log-probability under the sampling distribution."""
         if temperature <= 0:
             log_probs = torch.log_softmax(logits, dim=-1)
             chosen = log_probs.argmax(dim=-1)
         else:
             log_probs = torch.log_softmax(logits / temperature, dim=-1)
-            chosen = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+            probs = log_probs.exp()
+            chosen = torch.cat(
+                [torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(generators)]
+            )
         return chosen, log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +195,7 @@ class Policy:
     def _train_locked(self, sequences: list[TrainSequence], learning_rate: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
-        total_tokens = sum(len(s.completion_ids) for s in sequences)
+        total_tokens = sum(s.trained_tokens for s in sequences)
         active = [s for s in sequences if s.advantage != 0.0]  # zero advantage: zero gradient
         self.model.train()
         loss_sum, logprob_sum = 0.0, 0.0
@@ -170,7 +210,7 @@ class Policy:
             self.optimizer.step()
         finally:
             self.model.eval()
-        active_tokens = sum(len(s.completion_ids) for s in active)
+        active_tokens = sum(s.trained_tokens for s in active)
         return {
             "loss": loss_sum,
             "grad_norm": float(grad_norm),
@@ -187,8 +227,8 @@ class Policy:
         """
         batches: list[list[TrainSequence]] = []
         current: list[TrainSequence] = []
-        for seq in sorted(sequences, key=lambda s: len(s.prompt_ids) + len(s.completion_ids)):
-            length = len(seq.prompt_ids) + len(seq.completion_ids)
+        for seq in sorted(sequences, key=lambda s: s.length):
+            length = seq.length
             if current and length * (len(current) + 1) > self.config.micro_batch_tokens:
                 batches.append(current)
                 current = []
@@ -214,7 +254,7 @@ class Policy:
         return loss, float(token_logprobs.detach().sum())
 
     def _right_pad(self, sequences: list[TrainSequence]) -> tuple[torch.Tensor, ...]:
-        width = max(len(s.prompt_ids) + len(s.completion_ids) for s in sequences)
+        width = max(s.length for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         targets = torch.full((len(sequences), width), -1, dtype=torch.long)
@@ -223,6 +263,8 @@ class Policy:
             ids[row, : len(full)] = torch.tensor(full, dtype=torch.long)
             mask[row, : len(full)] = 1
             targets[row, len(seq.prompt_ids) : len(full)] = torch.tensor(seq.completion_ids, dtype=torch.long)
+            for start, end in seq.prompt_spans:
+                targets[row, start:end] = ids[row, start:end]
         advantages = torch.tensor([s.advantage for s in sequences], dtype=torch.float32)
         return ids, mask, targets, advantages
 

@@ -39,6 +39,15 @@ class SamplingRequest:
     tokens_as_ids: bool
 
 
+def _first_set(*values: Any) -> Any:
+    """The first value that is not None: an explicit 0 must be validated, not defaulted."""
+    return next(v for v in values if v is not None)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_request(body: Any, default_max_tokens: int) -> SamplingRequest:
     """Validate the JSON body, naming the offending field."""
     if not isinstance(body, dict):
@@ -49,17 +58,17 @@ def parse_request(body: Any, default_max_tokens: int) -> SamplingRequest:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise BadRequest("field 'tools' must be a list")
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
-    temperature = body.get("temperature", 1.0)
-    n = body.get("n", 1) or 1
+    max_tokens = _first_set(body.get("max_completion_tokens"), body.get("max_tokens"), default_max_tokens)
+    temperature = _first_set(body.get("temperature"), 1.0)
+    n = _first_set(body.get("n"), 1)
     seed = body.get("seed")
-    if not isinstance(max_tokens, int) or max_tokens < 1:
+    if not _is_int(max_tokens) or max_tokens < 1:
         raise BadRequest("field 'max_tokens' must be a positive integer")
-    if not isinstance(temperature, int | float) or temperature < 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
         raise BadRequest("field 'temperature' must be a number >= 0")
-    if not isinstance(n, int) or not 1 <= n <= 64:
+    if not _is_int(n) or not 1 <= n <= 64:
         raise BadRequest("field 'n' must be an integer from 1 to 64")
-    if seed is not None and not isinstance(seed, int):
+    if seed is not None and not _is_int(seed):
         raise BadRequest("field 'seed' must be an integer")
     return SamplingRequest(
         messages=messages,
@@ -135,6 +144,8 @@ class PolicyServer:
             prompt_ids = self._render(parsed)
         except (BadRequest, ValueError) as exc:
             return _error(400, str(exc))
+        except (KeyError, TypeError, AttributeError) as exc:  # a message or tool of the wrong shape
+            return _error(400, f"malformed messages or tools: {type(exc).__name__}: {exc}")
         samples = await self.batcher.sample(prompt_ids, parsed.n, parsed.max_tokens, parsed.temperature, parsed.seed)
         self.requests_served += 1
         return web.json_response(self._response(parsed, prompt_ids, samples))

@@ -1,0 +1,412 @@
+"""The embedded OpenAI-compatible endpoint (`server.py`) and its request batcher (`batcher.py`).
+
+A real `PolicyServer` on loopback, answered by a tiny random Llama policy and queried with
+the real `openai.AsyncOpenAI` client. The tokenizer is a character-level test double.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from codreamer.backends.embedded.batcher import SamplingBatcher
+from codreamer.backends.embedded.chat_format import to_chatml_messages
+from codreamer.backends.embedded.policy import Policy, Sample
+from codreamer.backends.embedded.server import BadRequest, PolicyServer, parse_request
+from codreamer.config import GRPOConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+API_KEY = "test-key"
+MODEL = "tiny-policy"
+VOCAB = 64
+PAD, EOS, IM_END, UNK = 0, 1, 2, 3
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeCharTokenizer:
+    """Test double for the HF tokenizer: one token per character, ids 4..63, short prompts.
+
+    It offers what `Policy` and `PolicyServer` use: the special ids, `convert_tokens_to_ids`,
+    `apply_chat_template`, `decode` and `convert_ids_to_tokens`. Each message keeps only the
+    last `KEEP` characters of its content so prompts stay far below the tiny model's context.
+    """
+
+    ALPHABET = 'abcdefghijklmnopqrstuvwxyz0123456789 .,:{}"<>/_-ABCDEFGHIJKL'
+    KEEP = 12
+    eos_token_id = EOS
+    pad_token_id = PAD
+
+    def __init__(self) -> None:
+        assert len(self.ALPHABET) == VOCAB - 4
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return IM_END if token == "<|im_end|>" else UNK
+
+    def encode(self, text: str) -> list[int]:
+        return [4 + self.ALPHABET.index(c) if c in self.ALPHABET else UNK for c in text]
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False, tokenize: bool = True
+    ) -> list[int]:
+        assert tokenize
+        ids: list[int] = []
+        for message in messages:
+            ids += self.encode(f"{message['role'][0]}:{message['content'][-self.KEEP :]}") + [IM_END]
+        if add_generation_prompt:
+            ids += self.encode("a:")
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.ALPHABET[i - 4] if i >= 4 else ("" if skip_special_tokens else f"<{i}>") for i in ids)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.ALPHABET[i - 4] if i >= 4 else f"<{i}>" for i in ids]
+
+
+TOKENIZER = FakeCharTokenizer()
+
+
+def tiny_policy() -> Policy:
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    )
+    policy = Policy(base, TOKENIZER, GRPOConfig(lora_rank=4, lora_alpha=8))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a non-trivial adapter, so the served policy is the LoRA one
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return policy
+
+
+class SampleSpy:
+    """Wraps `policy.sample`, recording how many prompts each call carried."""
+
+    def __init__(self, policy: Policy, fail_first: bool = False) -> None:
+        self.real = policy.sample
+        self.batch_sizes: list[int] = []
+        self.fail_first = fail_first
+        self._lock = threading.Lock()
+
+    def __call__(self, prompts: list[list[int]], *args: Any, **kwargs: Any) -> list[Sample]:
+        with self._lock:
+            self.batch_sizes.append(len(prompts))
+            if self.fail_first and len(self.batch_sizes) == 1:
+                raise RuntimeError("sampler exploded")
+        return self.real(prompts, *args, **kwargs)
+
+
+@pytest.fixture
+def policy() -> Policy:
+    return tiny_policy()
+
+
+@asynccontextmanager
+async def serve(policy: Policy, window_s: float = 0.01, max_batch: int = 16) -> AsyncIterator[tuple[PolicyServer, openai.AsyncOpenAI]]:
+    server = PolicyServer(
+        SamplingBatcher(policy, max_batch=max_batch, window_s=window_s),
+        TOKENIZER,  # type: ignore[arg-type]
+        API_KEY,
+        MODEL,
+        max_context_tokens=128,
+        default_max_tokens=8,
+    )
+    base_url = await server.start()
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=30)
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        await server.stop()
+
+
+def messages_for(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You write emails."}, {"role": "user", "content": text}]
+
+
+def rendered(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    return TOKENIZER.apply_chat_template(to_chatml_messages(messages, tools), add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------- parse_request
+GOOD = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "'messages'"),
+        ({"messages": []}, "'messages'"),
+        ({"messages": "hi"}, "'messages'"),
+        ({"messages": [{"content": "no role"}]}, "'messages'"),
+        ({**GOOD, "tools": {"name": "x"}}, "'tools'"),
+        ({**GOOD, "max_tokens": "ten"}, "'max_tokens'"),
+        ({**GOOD, "max_tokens": -3}, "'max_tokens'"),
+        ({**GOOD, "max_tokens": 2.5}, "'max_tokens'"),
+        ({**GOOD, "max_completion_tokens": -1}, "'max_tokens'"),
+        ({**GOOD, "temperature": -0.1}, "'temperature'"),
+        ({**GOOD, "temperature": "hot"}, "'temperature'"),
+        ({**GOOD, "n": 65}, "'n'"),
+        ({**GOOD, "n": -1}, "'n'"),
+        ({**GOOD, "n": "2"}, "'n'"),
+        ({**GOOD, "seed": 1.5}, "'seed'"),
+        ({**GOOD, "seed": "7"}, "'seed'"),
+    ],
+)
+def test_parse_request_names_the_bad_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(BadRequest, match=field):
+        parse_request(body, default_max_tokens=8)
+
+
+def test_parse_request_refuses_a_body_that_is_not_an_object() -> None:
+    with pytest.raises(BadRequest, match="JSON object"):
+        parse_request([GOOD], default_max_tokens=8)
+
+
+def test_parse_request_defaults() -> None:
+    parsed = parse_request({**GOOD, "tools": []}, default_max_tokens=8)
+    assert (parsed.max_tokens, parsed.temperature, parsed.n, parsed.seed) == (8, 1.0, 1, None)
+    assert parsed.tools is None and parsed.tokens_as_ids is False
+    assert parsed.messages == GOOD["messages"]
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    assert parse_request({**GOOD, "max_completion_tokens": 5, "max_tokens": 9}, 8).max_tokens == 5
+    assert parse_request({**GOOD, "max_tokens": 9}, 8).max_tokens == 9
+    assert parse_request({**GOOD, "max_completion_tokens": None, "max_tokens": 9}, 8).max_tokens == 9
+    parsed = parse_request({**GOOD, "temperature": 0, "n": 64, "seed": 3, "return_tokens_as_token_ids": True}, 8)
+    assert (parsed.temperature, parsed.n, parsed.seed, parsed.tokens_as_ids) == (0.0, 64, 3, True)
+
+
+def test_parse_request_refuses_zero_max_tokens() -> None:
+    with pytest.raises(BadRequest, match="'max_tokens'"):
+        parse_request({**GOOD, "max_tokens": 0}, default_max_tokens=8)
+
+
+def test_parse_request_refuses_zero_n() -> None:
+    with pytest.raises(BadRequest, match="'n'"):
+        parse_request({**GOOD, "n": 0}, default_max_tokens=8)
+
+
+# ------------------------------------------------------------------------- live server
+@pytest.mark.anyio
+async def test_chat_completion_carries_token_ids_and_logprobs(policy: Policy) -> None:
+    messages = messages_for("Write to Ada.")
+    prompt = rendered(messages)
+    [expected] = policy.sample([prompt], max_new_tokens=6, temperature=0.0)
+    async with serve(policy) as (server, client):
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=messages, max_completion_tokens=6, temperature=0, logprobs=True, n=2
+        )
+        assert server.requests_served == 1
+    assert completion.model == MODEL and completion.object == "chat.completion"
+    assert len(completion.choices) == 2
+    for index, choice in enumerate(completion.choices):
+        extra = choice.model_extra or {}
+        assert choice.index == index
+        assert extra["prompt_token_ids"] == prompt
+        assert extra["token_ids"] == expected.token_ids
+        assert choice.finish_reason == expected.finish_reason
+        assert choice.message.role == "assistant"
+        assert choice.message.content == TOKENIZER.decode(expected.token_ids, skip_special_tokens=True)
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        assert [t.token for t in choice.logprobs.content] == TOKENIZER.convert_ids_to_tokens(expected.token_ids)
+        assert [t.logprob for t in choice.logprobs.content] == pytest.approx(expected.logprobs, abs=1e-5)
+        assert all(t.logprob <= 0 for t in choice.logprobs.content)
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == len(prompt)
+    assert completion.usage.completion_tokens == 2 * len(expected.token_ids)
+
+
+@pytest.mark.anyio
+async def test_return_tokens_as_token_ids(policy: Policy) -> None:
+    async with serve(policy) as (_, client):
+        completion = await client.chat.completions.create(
+            model=MODEL,
+            messages=messages_for("hello"),
+            max_tokens=5,
+            logprobs=True,
+            seed=11,
+            extra_body={"return_tokens_as_token_ids": True},
+        )
+    [choice] = completion.choices
+    token_ids = (choice.model_extra or {})["token_ids"]
+    assert token_ids and len(token_ids) <= 5
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    assert [t.token for t in choice.logprobs.content] == [f"token_id:{t}" for t in token_ids]
+    assert [t.bytes for t in choice.logprobs.content] == [list(f"token_id:{t}".encode()) for t in token_ids]
+
+
+@pytest.mark.anyio
+async def test_wrong_api_key_is_refused_with_401(policy: Policy) -> None:
+    async with serve(policy) as (server, client):
+        intruder = openai.AsyncOpenAI(base_url=server.base_url, api_key="wrong", max_retries=0)
+        try:
+            with pytest.raises(openai.AuthenticationError) as caught:
+                await intruder.chat.completions.create(model=MODEL, messages=messages_for("x"))
+            with pytest.raises(openai.AuthenticationError):
+                await intruder.models.list()
+        finally:
+            await intruder.close()
+        assert caught.value.status_code == 401
+        assert "invalid API key" in str(caught.value)
+        assert [m.id for m in (await client.models.list()).data] == [MODEL]
+        assert server.requests_served == 0
+
+
+@pytest.mark.anyio
+async def test_bad_requests_get_400_with_the_message(policy: Policy) -> None:
+    async with serve(policy) as (server, client):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=messages_for("x"), temperature=-1)
+        assert caught.value.status_code == 400
+        assert "field 'temperature' must be a number >= 0" in str(caught.value)
+
+        with pytest.raises(openai.BadRequestError, match="exceeds the context of 128 tokens"):
+            await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=200)
+
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as http:
+            response = await http.post("/chat/completions", json={"model": MODEL, "messages": []})
+            assert response.status_code == 400
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error" and "'messages'" in error["message"]
+            response = await http.post("/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+            assert response.status_code == 400
+        assert server.requests_served == 0
+
+
+@pytest.mark.anyio
+async def test_tool_calls_in_the_sampled_text_come_back_as_openai_tool_calls(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = '<tool_call>{"name": "send_email", "arguments": {"subject": "hi"}}</tool_call>'
+    scripted = TOKENIZER.encode(text)
+    assert TOKENIZER.decode(scripted) == text
+
+    def sample(prompts: list[list[int]], *args: Any, **kwargs: Any) -> list[Sample]:
+        return [Sample(scripted, [-0.5] * len(scripted), "stop") for _ in prompts]
+
+    monkeypatch.setattr(policy, "sample", sample)
+    tools = [{"type": "function", "function": {"name": "send_email", "parameters": {"type": "object", "properties": {}}}}]
+    messages = messages_for("Go")
+    async with serve(policy) as (_, client):
+        with_tools = await client.chat.completions.create(model=MODEL, messages=messages, tools=tools)  # type: ignore[arg-type]
+        without = await client.chat.completions.create(model=MODEL, messages=messages)
+    [choice] = with_tools.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.function.name == "send_email" and call.function.arguments == '{"subject": "hi"}'  # type: ignore[union-attr]
+    assert (choice.model_extra or {})["prompt_token_ids"] == rendered(messages, tools)
+    assert rendered(messages, tools) != rendered(messages)
+    assert without.choices[0].message.content == text and not without.choices[0].message.tool_calls
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_are_batched_and_each_gets_its_own_choices(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald"]
+    ns = [1, 2, 1, 2, 1, 2]
+    prompts = [rendered(messages_for(t)) for t in texts]
+    assert len({tuple(p) for p in prompts}) == len(prompts)
+    expected = [policy.sample([p], max_new_tokens=5, temperature=0.0)[0] for p in prompts]
+    spy = SampleSpy(policy)
+    monkeypatch.setattr(policy, "sample", spy)
+    async with serve(policy, window_s=0.25) as (server, client):
+        completions = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=MODEL, messages=messages_for(t), max_tokens=5, temperature=0, logprobs=True, n=n
+                )
+                for t, n in zip(texts, ns, strict=True)
+            )
+        )
+        assert server.requests_served == len(texts)
+    assert len(spy.batch_sizes) < len(texts), spy.batch_sizes
+    assert sum(spy.batch_sizes) == sum(ns)
+    for completion, prompt, n, want in zip(completions, prompts, ns, expected, strict=True):
+        assert len(completion.choices) == n
+        assert [c.index for c in completion.choices] == list(range(n))
+        for choice in completion.choices:
+            extra = choice.model_extra or {}
+            assert extra["prompt_token_ids"] == prompt
+            assert extra["token_ids"] == want.token_ids
+            assert choice.logprobs is not None and choice.logprobs.content is not None
+            assert [t.logprob for t in choice.logprobs.content] == pytest.approx(want.logprobs, abs=1e-4)
+
+
+@pytest.mark.anyio
+async def test_a_failed_batch_gives_500_and_the_server_keeps_serving(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = SampleSpy(policy, fail_first=True)
+    monkeypatch.setattr(policy, "sample", spy)
+    async with serve(policy) as (_, client):
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=3)
+        completion = await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=3)
+    assert len(completion.choices) == 1 and len(spy.batch_sizes) == 2
+
+
+@pytest.mark.anyio
+async def test_batcher_keeps_requests_with_different_settings_apart(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = SampleSpy(policy)
+    monkeypatch.setattr(policy, "sample", spy)
+    batcher = SamplingBatcher(policy, max_batch=4, window_s=0.2)
+    batcher.start()
+    try:
+        results = await asyncio.gather(
+            batcher.sample([5, 6], 1, 3, 0.0, None),
+            batcher.sample([7, 8], 2, 3, 0.0, None),
+            batcher.sample([9], 1, 4, 0.0, None),  # other max_new_tokens: its own batch
+            batcher.sample([10, 11], 3, 3, 0.0, None),  # would overflow max_batch=4: deferred
+        )
+    finally:
+        await batcher.stop()
+    assert [len(r) for r in results] == [1, 2, 1, 3]
+    assert sorted(spy.batch_sizes) == [1, 3, 3]
+    assert len(results[2][0].token_ids) <= 4 and all(len(s.token_ids) <= 3 for r in (results[0], results[1], results[3]) for s in r)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"description": "d"}}]},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "call_1"}]}]},
+    ],
+    ids=["tool-without-name", "non-text-content", "tool-call-without-function"],
+)
+@pytest.mark.anyio
+async def test_malformed_tools_or_messages_get_400_not_500(policy: Policy, body: dict[str, Any]) -> None:
+    async with serve(policy) as (server, _):
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as http:
+            response = await http.post("/chat/completions", json={"model": MODEL, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
