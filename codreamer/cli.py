@@ -112,6 +112,27 @@ def _cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
+    from codreamer.local_trace import format_tree, read_trace
+    from codreamer.runs import find_run
+
+    try:
+        path = find_run(settings, args.run_id)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    spans = read_trace(path)
+    if not spans:
+        print(f"no trace recorded in {path}")
+        return 0
+
+    def wanted(root: dict) -> bool:  # run_iteration records its 0-based index; users count from 1
+        return args.iteration is None or root["inputs"].get("iteration") == args.iteration - 1
+
+    print(format_tree(spans, wanted) or f"no iteration {args.iteration} in the trace")
+    return 0
+
+
 def codreamer_main(argv: Sequence[str] | None = None) -> int:
     """Other verbs: list runs, show one run's history."""
     parser = argparse.ArgumentParser(prog="codreamer", description=codreamer_main.__doc__)
@@ -120,7 +141,10 @@ def codreamer_main(argv: Sequence[str] | None = None) -> int:
     verbs.add_parser("runs", help="list runs with status, iterations and last rewards")
     show = verbs.add_parser("show", help="print one run's per-iteration history")
     show.add_argument("run_id")
+    trace = verbs.add_parser("trace", help="print the call tree of a run's iterations with timings")
+    trace.add_argument("run_id")
+    trace.add_argument("--iteration", type=int, help="only this iteration (1-based)")
     args = parser.parse_args(argv)
     settings = Settings() if args.runs_dir is None else Settings(runs_dir=args.runs_dir)
-    handlers = {"runs": _cmd_runs, "show": _cmd_show}
+    handlers = {"runs": _cmd_runs, "show": _cmd_show, "trace": _cmd_trace}
     return handlers[args.verb](settings, args)

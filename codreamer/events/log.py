@@ -79,6 +79,9 @@ CANONICAL_LINE = "^\\{" + ",".join(f'"{key}":{value}' for key, value in _VALUE_P
 
 # --- results ---------------------------------------------------------------------------------
 
+Reason = Literal["invalid_json", "invalid_event"]
+"""Why a line was skipped: not JSON at all, or JSON that is not a valid OnlineOutcome."""
+
 
 class MalformedLine(BaseModel):
     """Where a skipped line is and why, for messages (`log:line (byte offset): reason: detail`)."""
@@ -87,7 +90,7 @@ class MalformedLine(BaseModel):
 
     line: int
     offset: int
-    reason: Literal["invalid_json", "invalid_event"]
+    reason: Reason
     detail: str
 
     def describe(self, path: Path) -> str:
@@ -209,25 +212,29 @@ def _canonical_columns(lines: pl.Series) -> pl.DataFrame:
     One `select`, so polars spreads the regex and the cuts over its threads.
     """
     line = pl.col("line")
-    eid_end = line.str.find('","trajectory_id":"', literal=True).cast(pl.Int64)
-    tid_start = eid_end + len('","trajectory_id":"')
-    tid_end = line.str.find('","prospect_id":"', literal=True).cast(pl.Int64)
-    ts_start = line.str.find(',"timestamp":"', literal=True).cast(pl.Int64) + len(',"timestamp":"')
-    ts_end = line.str.find('","opened":', literal=True).cast(pl.Int64)
+
+    def find(marker: str) -> pl.Expr:
+        return line.str.find(marker, literal=True).cast(pl.Int64)
+
+    def cut(start: pl.Expr | int, end: pl.Expr) -> pl.Expr:
+        return line.str.slice(start, (end - start).clip(lower_bound=0))  # garbage lines: no negative lengths
+
+    eid_end = find('","trajectory_id":"')
+    ts_start = find(',"timestamp":"') + len(',"timestamp":"')
     flags = pl.sum_horizontal(
         line.str.contains(f'"{name}":true', literal=True).cast(pl.Int64) * (1 << bit) for bit, name in enumerate(FLAG_NAMES)
     )
     return pl.DataFrame({"line": lines}).select(
         line.str.contains(CANONICAL_LINE).alias("canonical"),
         pl.int_range(pl.len(), dtype=pl.Int64).alias("row"),
-        line.str.slice(len('{"event_id":"'), eid_end - len('{"event_id":"')).alias("event_id"),
-        line.str.slice(tid_start, tid_end - tid_start).alias("trajectory_id"),
+        cut(len('{"event_id":"'), eid_end).alias("event_id"),
+        cut(eid_end + len('","trajectory_id":"'), find('","prospect_id":"')).alias("trajectory_id"),
         flags.alias("flags"),
-        line.str.slice(ts_start, ts_end - ts_start).alias("timestamp"),
+        cut(ts_start, find('","opened":')).alias("timestamp"),
     )
 
 
-def _describe(exc: ValidationError) -> tuple[Literal["invalid_json", "invalid_event"], str]:
+def _describe(exc: ValidationError) -> tuple[Reason, str]:
     """A reason class and `field a.b: message; ...` (JSON errors keep pydantic's position text)."""
     errors = exc.errors(include_url=False)
     if any(error["type"] == "json_invalid" for error in errors):
@@ -239,11 +246,28 @@ def _describe(exc: ValidationError) -> tuple[Literal["invalid_json", "invalid_ev
     return "invalid_event", "; ".join(parts)
 
 
-def _parse_one_by_one(data: bytes, starts: np.ndarray, rows: list[int], parsed: _ParsedChunk, first_line: int, base: int) -> pl.DataFrame:
+@dataclass(frozen=True)
+class _Chunk:
+    """Whole lines of the log: data[:starts[-1]], starting at line `first_line`, byte `base`."""
+
+    data: bytes
+    starts: np.ndarray
+    first_line: int
+    base: int
+
+    def line(self, row: int) -> bytes:
+        return self.data[self.starts[row] : self.starts[row + 1] - 1]
+
+    def malformed(self, row: int, reason: Reason, detail: str) -> MalformedLine:
+        offset = self.base + int(self.starts[row])
+        return MalformedLine(line=self.first_line + row, offset=offset, reason=reason, detail=detail)
+
+
+def _parse_one_by_one(chunk: _Chunk, rows: list[int], parsed: _ParsedChunk) -> pl.DataFrame:
     """The general path: pydantic judges each line; blank and malformed lines are counted."""
     events = []
     for row in rows:
-        raw = data[starts[row] : starts[row + 1] - 1]
+        raw = chunk.line(row)
         if not raw.strip():
             parsed.blank += 1
             continue
@@ -253,7 +277,7 @@ def _parse_one_by_one(data: bytes, starts: np.ndarray, rows: list[int], parsed: 
             reason, detail = _describe(exc)
             parsed.malformed[reason] += 1
             if len(parsed.samples) < MAX_SAMPLES:
-                parsed.samples.append(MalformedLine(line=first_line + row, offset=base + int(starts[row]), reason=reason, detail=detail))
+                parsed.samples.append(chunk.malformed(row, reason, detail))
             continue
         events.append((row, outcome.event_id, outcome.trajectory_id, outcome.flag_mask, to_epoch_us(outcome.timestamp)))
     return pl.DataFrame(events, schema=_EVENT_SCHEMA, orient="row")
@@ -269,7 +293,7 @@ def _parse_chunk(data: bytes, end: int, first_line: int, base: int) -> _ParsedCh
     others = columns.filter(~pl.col("canonical"))["row"].to_list() + fast.filter(pl.col("ts").is_null())["row"].to_list()
     parsed = _ParsedChunk(events=fast.drop_nulls("ts"), lines=len(starts) - 1)
     if others:  # not canonical, or a date that does not exist: pydantic decides
-        slow = _parse_one_by_one(data, starts, sorted(others), parsed, first_line, base)
+        slow = _parse_one_by_one(_Chunk(data, starts, first_line, base), sorted(others), parsed)
         parsed.events = pl.concat([parsed.events, slow]).sort("row")
     return parsed
 
@@ -385,7 +409,6 @@ class EventLog:
     def __init__(self, path: Path) -> None:
         """No I/O: `EventLog.open` also loads the index and reads the log; or call `refresh`."""
         self.path = Path(path)
-        self.totals = RefreshStats()
         self._reset()
 
     @classmethod
@@ -423,7 +446,8 @@ class EventLog:
     # --- writing ---------------------------------------------------------------------------
 
     def append(self, outcomes: Sequence[OnlineOutcome]) -> int:
-        """Durably append `outcomes` (duplicates included: readers count them once)."""
+        """Durably append `outcomes` and return how many; safe across processes. Duplicates are
+        written too (readers count them once); this log's summaries see them at the next refresh."""
         if not outcomes:
             return 0
         payload = _encode(outcomes)
@@ -434,6 +458,8 @@ class EventLog:
     def append_new(self, outcomes: Sequence[OnlineOutcome]) -> AppendResult:
         """Append only events whose id is not in the log yet (nor earlier in `outcomes`), and
         read them back. Exact across processes: the check runs under the append lock."""
+        if not outcomes:
+            return AppendResult(accepted=0, duplicates=0)
         with _append_lock(self.path) as fd:
             self._consume(fd, os.fstat(fd).st_size)
             fresh, duplicates = self._unseen(outcomes)
@@ -475,29 +501,35 @@ class EventLog:
         started = time.perf_counter()
         restarted = self._identity is not None and not _still_valid(fd, self._identity)
         if restarted:
-            logger.warning("{}: the log was replaced or truncated since byte {}; re-reading it from the start", self.path, self._offset)
+            logger.warning("{}: replaced or truncated since byte {}; re-reading it from the start", self.path, self._offset)
             self._reset()
         stats = RefreshStats(restarted=restarted)
         accepted: list[pl.DataFrame] = []
+        try:
+            self._read_chunks(fd, size, stats, accepted)
+        finally:  # should a chunk fail, the chunks before it are fully counted: the state stays consistent
+            if accepted:
+                self._aggregate(pl.concat(accepted))
+            self._identity = _identity(fd, self._offset)
+            stats.seconds = time.perf_counter() - started
+            self.totals.add(stats)
+        self._report(stats)
+        return stats
+
+    def _read_chunks(self, fd: int, size: int, stats: RefreshStats, accepted: list[pl.DataFrame]) -> None:
+        """Parse [offset, size) chunk by chunk (each cut after its last "\\n"), advancing the offset."""
         chunk_bytes = READ_CHUNK_BYTES
         while self._offset < size:
             data = os.pread(fd, min(chunk_bytes, size - self._offset), self._offset)
             end = data.rfind(b"\n") + 1
             if not end:
                 if len(data) < chunk_bytes:
-                    break  # only an unfinished line is left: the next refresh takes it
+                    return  # only an unfinished line is left: the next refresh takes it
                 chunk_bytes *= 2  # one line longer than a chunk: read more at once
                 continue
             accepted.append(self._absorb(_parse_chunk(data, end, self._lines + 1, self._offset), stats))
             self._offset += end  # the unfinished tail of `data` is read again with the next chunk
             stats.bytes_read += end
-        if accepted:
-            self._aggregate(pl.concat(accepted))
-        self._identity = _identity(fd, self._offset)
-        stats.seconds = time.perf_counter() - started
-        self.totals.add(stats)
-        self._report(stats)
-        return stats
 
     def _absorb(self, parsed: _ParsedChunk, stats: RefreshStats) -> pl.DataFrame:
         """Count the chunk into `stats` and keep its events whose id is new."""
@@ -532,7 +564,10 @@ class EventLog:
     def _aggregate(self, events: pl.DataFrame) -> None:
         """Fold events into the per-trajectory (flags, count, first_us, last_us) aggregates."""
         grouped = events.group_by("trajectory_id").agg(
-            pl.col("flags").bitwise_or(), pl.len().alias("count"), pl.col("ts").min().alias("first"), pl.col("ts").max().alias("last")
+            pl.col("flags").bitwise_or(),
+            pl.len().alias("count"),
+            pl.col("ts").min().alias("first"),
+            pl.col("ts").max().alias("last"),
         )
         tids = grouped["trajectory_id"].to_list()
         totals = zip(*(grouped[name].to_list() for name in ("flags", "count", "first", "last")), strict=True)
@@ -553,7 +588,9 @@ class EventLog:
                 self.path, stats.malformed_total, reasons, stats.samples[0].describe(self.path),
             )
         if stats.events or stats.duplicates:
-            logger.debug("{}: +{} event(s), {} duplicate(s) in {:.3f}s", self.path, stats.events, stats.duplicates, stats.seconds)
+            logger.debug(
+                "{}: +{} event(s), {} duplicate(s) in {:.3f}s", self.path, stats.events, stats.duplicates, stats.seconds
+            )
 
     # --- summaries -------------------------------------------------------------------------
 
@@ -601,8 +638,8 @@ class EventLog:
         return self.index_path
 
     def load_index(self) -> bool:
-        """Adopt the saved index if it is readable and still describes this log; else keep the
-        current state (a stale or broken index only costs a full read, so it is just logged)."""
+        """Replace the in-memory state by the saved index if it is readable and still describes
+        this log; else keep it (a stale or broken index only costs a full read: just logged)."""
         index = self._read_index()
         if index is None:
             return False
@@ -613,13 +650,14 @@ class EventLog:
             return False
         try:
             if not _still_valid(fd, index.identity):
-                logger.warning("{}: ignoring the stale index (the log was replaced, truncated or rewritten); re-reading the log", self.index_path)
+                logger.warning("{}: ignoring the stale index (log replaced, truncated or rewritten)", self.index_path)
                 return False
         finally:
             os.close(fd)
         self._offset, self._lines, self._identity = index.identity.offset, index.lines, index.identity
         self._seen = set(index.event_ids)
-        self._aggregates = dict(zip(index.trajectory_ids, zip(index.flags, index.counts, index.first_us, index.last_us, strict=True), strict=True))
+        totals = zip(index.flags, index.counts, index.first_us, index.last_us, strict=True)
+        self._aggregates = dict(zip(index.trajectory_ids, totals, strict=True))
         self.totals = index.totals
         logger.debug("{}: index loaded at byte {} ({} events)", self.path, self._offset, len(self._seen))
         return True

@@ -90,7 +90,8 @@ async def _post_events(request: web.Request) -> web.Response:
         return _error(400, "body must be an outcome object or a list of them")
     outcomes, errors = _validate(payload)
     if errors:
-        return _error(400, "invalid outcome(s); nothing was written", details=errors[:MAX_ITEM_ERRORS], invalid_fields=len(errors))
+        details = errors[:MAX_ITEM_ERRORS]
+        return _error(400, "invalid outcome(s); nothing was written", details=details, invalid_fields=len(errors))
     async with request.app[_LOCK_KEY]:  # one EventLog, one writer thread at a time
         result = await asyncio.to_thread(request.app[_LOG_KEY].append_new, outcomes)
     logger.info("webhook: {} event(s) accepted, {} duplicate(s)", result.accepted, result.duplicates)

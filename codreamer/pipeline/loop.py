@@ -25,6 +25,7 @@ from loguru import logger
 from codreamer.backends.factory import create_backend
 from codreamer.config import Settings
 from codreamer.data import TaskData, load_task_data
+from codreamer.local_trace import recording_to, traced
 from codreamer.log import configure_logging
 from codreamer.pipeline.history import append_record, read_history
 from codreamer.pipeline.scenarios import iterations_per_epoch, scenarios_for_iteration
@@ -159,7 +160,8 @@ async def open_run(settings: Settings, kind: LoopKind) -> AsyncIterator[Run]:
         _write_run_file(directory, run_id, kind, settings, "running")
         status = "failed"
         try:
-            yield Run(run_id, directory, settings, task, backend, model, plan, scorer)
+            with recording_to(directory):
+                yield Run(run_id, directory, settings, task, backend, model, plan, scorer)
             status = "finished"
         except KeyboardInterrupt:
             status = "interrupted"
@@ -187,6 +189,7 @@ def _rollout_health(groups: list[art.TrajectoryGroup]) -> dict[str, float]:
 
 
 @weave.op
+@traced
 async def run_iteration(run: Run, iteration: int, evaluate_after: bool) -> dict[str, Any]:
     """generate -> score -> GRPO update -> evaluate -> log, timing each stage."""
     settings, timings = run.settings, {}

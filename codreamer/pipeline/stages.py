@@ -19,6 +19,7 @@ from loguru import logger
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from codreamer.config import RolloutConfig
+from codreamer.local_trace import traced
 from codreamer.domain import Product, Scenario
 from codreamer.rewards.scoring import RewardScorer, ScoringSummary
 from codreamer.training.rollout import rollout
@@ -71,6 +72,7 @@ def _group_seed(seed: int, step: int, scenario_index: int, member: int) -> int:
 
 
 @weave.op
+@traced
 async def generate_trajectories(
     model: art.Model, scenarios: Sequence[Scenario], plan: RolloutPlan, *, step: int, pbar_desc: str = "rollouts"
 ) -> list[art.TrajectoryGroup]:
@@ -97,6 +99,7 @@ async def generate_trajectories(
 
 
 @weave.op
+@traced
 async def score_trajectories(
     groups: list[art.TrajectoryGroup],
     scenarios: Sequence[Scenario],
@@ -115,6 +118,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 @weave.op
+@traced
 async def grpo_update(
     backend: Any, model: art.TrainableModel, groups: list[art.TrajectoryGroup], *, learning_rate: float, attempts: int
 ) -> art.TrainResult:
@@ -135,6 +139,7 @@ async def grpo_update(
 
 
 @weave.op
+@traced
 async def evaluate(
     model: art.Model, scenarios: Sequence[Scenario], plan: RolloutPlan, scorer: RewardScorer, *, step: int
 ) -> tuple[list[art.TrajectoryGroup], RewardStats]:
@@ -150,6 +155,7 @@ async def evaluate(
 
 
 @weave.op
+@traced
 async def log_rewards_metrics(
     model: art.Model, train_groups: list[art.TrajectoryGroup], eval_groups: list[art.TrajectoryGroup], train_metrics: dict[str, float], *, step: int
 ) -> None:

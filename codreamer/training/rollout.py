@@ -31,6 +31,7 @@ from codreamer.agent.prompts import NUDGE_MESSAGE, initial_messages
 from codreamer.agent.tools import FINALIZE_EMAIL, LOOKUP_COMPANY, LOOKUP_PROSPECT, TOOLS, execute_tool
 from codreamer.config import RolloutConfig
 from codreamer.domain import Email, Product, Scenario
+from codreamer.local_trace import traced
 
 __all__ = [
     "METADATA_KEYS",
@@ -236,7 +237,14 @@ def _trace_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@traced
+async def chat_completion(client: Any, request: dict[str, Any]) -> Any:
+    """One policy call; a local span of its own so the trace shows every LLM call's latency."""
+    return await client.chat.completions.create(**request)
+
+
 @weave.op(postprocess_inputs=_trace_inputs)
+@traced
 async def rollout(
     model: art.Model,
     scenario: Scenario,
@@ -269,7 +277,7 @@ async def rollout(
         }
         if seed is not None:
             request["seed"] = seed
-        completion = await client.chat.completions.create(**request)
+        completion = await chat_completion(client, request)
         if not completion.choices:
             raise RuntimeError(f"inference server returned no choices for scenario {scenario.scenario_id}")
         choice = completion.choices[0]
