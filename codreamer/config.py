@@ -12,12 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from codreamer.analysis.analyzer import AnalyzerJudgeConfig
+    from codreamer.retry import RetryPolicy
     from codreamer.rewards.blend import RewardMixConfig
     from codreamer.rewards.ruler import JudgeConfig
+    from codreamer.usage import LLMPrices
 
 BackendKind = Literal["embedded", "local", "serverless"]
 
@@ -34,6 +37,9 @@ class RolloutConfig(BaseModel):
     max_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=1.0, ge=0.0)
     request_timeout_s: float = Field(default=120.0, gt=0)
+    inference_attempts: int = Field(default=3, ge=1)
+    retry_initial_s: float = Field(default=1.0, ge=0)
+    retry_max_s: float = Field(default=30.0, ge=0)
 
 
 class GRPOConfig(BaseModel):
@@ -85,6 +91,21 @@ class Settings(BaseSettings):
         default=0.5, ge=0, description="Failed rollouts tolerated per stage: a count (>=1) or a fraction (<1)."
     )
 
+    # --- evaluation and checkpoints --------------------------------------------------------
+    eval_samples: int = Field(default=2, ge=1, description="Samples per held-out scenario (fixed seeds, same every evaluation).")
+    eval_before_train: bool = Field(default=False, description="Evaluate the base model (step 0) before the first step.")
+    bootstrap_samples: int = Field(default=1000, ge=100, description="Bootstrap resamples of the 95% confidence intervals.")
+    keep_last: int | None = Field(
+        default=1, ge=1, description="Checkpoints kept besides the best: the newest N, or `all` to keep every one."
+    )
+    keep_best: bool = Field(default=True, description="Also keep the checkpoint with the best held-out reward.")
+
+    @field_validator("keep_last", mode="before")
+    @classmethod
+    def _keep_all(cls, value: object) -> object:
+        """`all` (or null/none) from a flag or env variable means no pruning; 0 is refused, not 'all'."""
+        return None if isinstance(value, str) and value.strip().lower() in {"all", "null", "none"} else value
+
     # --- rollout -------------------------------------------------------------------------
     max_turns: int = Field(default=3, ge=1, description="Agent turns before the email is auto-finalised.")
     max_tokens: int = Field(default=48, ge=1, description="New tokens per model call.")
@@ -107,6 +128,19 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "codreamer",
         description="Where the embedded model is cached as safetensors after the first load.",
+    )
+
+    # --- reliability ---------------------------------------------------------------------
+    inference_attempts: int = Field(default=3, ge=1, description="Tries of a model call on transient errors (timeouts, 429, 5xx).")
+    retry_initial_s: float = Field(default=1.0, ge=0, description="First backoff between retries, seconds (doubles, jittered).")
+    retry_max_s: float = Field(default=30.0, ge=0, description="Longest backoff between retries, seconds.")
+    rollout_timeout_s: float = Field(default=900.0, gt=0, description="A rollout running longer is cancelled and recorded as a failure.")
+    generate_timeout_s: float = Field(default=3600.0, gt=0, description="Timeout of the generate stage, seconds.")
+    score_timeout_s: float = Field(default=1800.0, gt=0, description="Timeout of the score stage, seconds.")
+    train_timeout_s: float = Field(default=3600.0, gt=0, description="Timeout of the GRPO update stage, seconds.")
+    evaluate_timeout_s: float = Field(default=3600.0, gt=0, description="Timeout of the evaluate stage, seconds.")
+    force_resume: bool = Field(
+        default=False, description="Resume a run even though settings that shape training differ from its run.json."
     )
 
     # --- rewards -------------------------------------------------------------------------
@@ -137,19 +171,63 @@ class Settings(BaseSettings):
         default=0.4, ge=0, le=1, description="Trajectories below this reward are collected as failures."
     )
 
+    # --- LLM prices (usage accounting) ---------------------------------------------------
+    policy_price_usd_per_mtok_in: float | None = Field(
+        default=None, ge=0, description="Policy price, USD per 1M prompt tokens; unset: no policy cost is reported."
+    )
+    policy_price_usd_per_mtok_out: float | None = Field(
+        default=None, ge=0, description="Policy price, USD per 1M completion tokens; unset: no policy cost is reported."
+    )
+    judge_price_usd_per_mtok_in: float | None = Field(
+        default=None, ge=0, description="Judge (RULER, failure analyzer) price, USD per 1M prompt tokens; unset: no cost."
+    )
+    judge_price_usd_per_mtok_out: float | None = Field(
+        default=None, ge=0, description="Judge (RULER, failure analyzer) price, USD per 1M completion tokens; unset: no cost."
+    )
+
     # --- tracking ------------------------------------------------------------------------
-    wandb: bool = Field(default=True, description="Use Weave / W&B when a key is set; --no-wandb never does.")
+    wandb: bool = Field(
+        default=True, description="Use W&B (and Weave when online) as --wandb-mode says; --no-wandb keeps local files only."
+    )
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        default=None,
+        validation_alias=AliasChoices("wandb_mode", "WANDB_MODE"),
+        description="online (W&B + Weave traces, needs WANDB_API_KEY), offline (a W&B run in the run directory, "
+        "uploaded later with `wandb sync`) or disabled. Unset: online with a key, else offline.",
+    )
+    wandb_project: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("wandb_project", "WANDB_PROJECT"),
+        description="W&B project of the runs. Default: --project.",
+    )
+    wandb_entity: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("wandb_entity", "WANDB_ENTITY"),
+        description="W&B entity (user or team). Default: the key's default entity.",
+    )
     weave_project: str = Field(
         default="codreamer",
         validation_alias=AliasChoices("weave_project", "WEAVE_PROJECT", "CODREAMER_WEAVE_PROJECT"),
-        description="Weave project for traces (used only when a W&B key is set).",
+        description="Weave project for traces (online mode only; use the W&B project's name to link calls to runs).",
+    )
+    tracking_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest wait for W&B / Weave to start or flush; past it the run goes on without."
     )
     wandb_api_key: CliSuppress[SecretStr | None] = Field(
         default=None,
         validation_alias=AliasChoices("wandb_api_key", "WANDB_API_KEY"),
-        description="W&B key; without it the run is untraced and says so once. Never logged.",
+        description="W&B key; without it nothing goes online and the run says so once. Never logged.",
         exclude=True,
     )
+
+    @field_validator("wandb_mode", mode="before")
+    @classmethod
+    def _wandb_mode_aliases(cls, value: object) -> object:
+        """wandb also accepts the legacy `dryrun` (offline) and `run` (online) for WANDB_MODE."""
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return {"dryrun": "offline", "run": "online", "": None}.get(value, value)
+        return value
 
     def resolved_events_path(self) -> Path:
         return self.events_path or self.runs_dir / self.project / "events.jsonl"
@@ -174,12 +252,52 @@ class Settings(BaseSettings):
             attempts=self.judge_attempts,
         )
 
+    def analyzer_judge_config(self) -> AnalyzerJudgeConfig | None:
+        """The failure analyzer's judge: the RULER judge's model, spoken to with the OpenAI client.
+
+        litellm model names carry a provider prefix (`openai/gpt-4o-mini`); the OpenAI client
+        wants the bare name, so an `openai/` prefix is dropped.
+        """
+        if self.judge_model is None:
+            return None
+        from codreamer.analysis.analyzer import AnalyzerJudgeConfig
+
+        return AnalyzerJudgeConfig(
+            model=self.judge_model.removeprefix("openai/"),
+            base_url=self.judge_base_url,
+            api_key=self.judge_api_key,
+            timeout_s=self.judge_timeout_s,
+            attempts=self.judge_attempts,
+        )
+
+    def llm_prices(self) -> LLMPrices:
+        """Prices of the usage ledger; the failure analyzer's judge is priced like the RULER judge."""
+        from codreamer.usage import KindPrices, LLMPrices
+
+        judge = KindPrices(
+            prompt_usd_per_mtok=self.judge_price_usd_per_mtok_in, completion_usd_per_mtok=self.judge_price_usd_per_mtok_out
+        )
+        policy = KindPrices(
+            prompt_usd_per_mtok=self.policy_price_usd_per_mtok_in, completion_usd_per_mtok=self.policy_price_usd_per_mtok_out
+        )
+        return LLMPrices(policy=policy, judge=judge, analyzer=judge)
+
+    def retry_policy(self, attempts: int | None = None) -> RetryPolicy:
+        from codreamer.retry import RetryPolicy
+
+        return RetryPolicy(
+            attempts=attempts or self.inference_attempts, initial_s=self.retry_initial_s, max_s=self.retry_max_s
+        )
+
     def rollout_config(self) -> RolloutConfig:
         return RolloutConfig(
             max_turns=self.max_turns,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             request_timeout_s=self.request_timeout_s,
+            inference_attempts=self.inference_attempts,
+            retry_initial_s=self.retry_initial_s,
+            retry_max_s=self.retry_max_s,
         )
 
     def grpo_config(self) -> GRPOConfig:

@@ -16,7 +16,8 @@ import torch
 from openai.types.chat.chat_completion import Choice
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from codreamer.backends.embedded.policy import Policy, TrainSequence
+from codreamer.backends.embedded.kv_cache import PreallocatedLayer, common_prefix_length
+from codreamer.backends.embedded.policy import MIN_SHARED_PREFIX, Policy, TrainSequence, batch_cost, trainable_shared_prefix
 from codreamer.config import GRPOConfig
 from codreamer.training.grpo import (
     MissingTokenIds,
@@ -99,6 +100,28 @@ def random_sequences(spec: list[tuple[int, int, float]], seed: int = 0) -> list[
         ids = torch.randint(4, VOCAB, (prompt_len + completion_len,), generator=generator).tolist()
         out.append(TrainSequence(ids[:prompt_len], ids[prompt_len:], advantage))
     return out
+
+
+def _ids(seq: TrainSequence) -> list[int]:
+    return seq.prompt_ids + seq.completion_ids
+
+
+def shared_prompt_group(prompt_len: int, completion_lens: list[int], seed: int = 11) -> list[TrainSequence]:
+    """A GRPO group: one prompt, several completions, advantages of both signs."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(4, VOCAB, (prompt_len,), generator=generator).tolist()
+    return [
+        TrainSequence(prompt, torch.randint(4, VOCAB, (n,), generator=generator).tolist(), (-1) ** i * (0.3 + 0.1 * i))
+        for i, n in enumerate(completion_lens)
+    ]
+
+
+def reference_trained_logprobs(policy: Policy, seq: TrainSequence) -> torch.Tensor:
+    """Like `reference_logprobs`, for every trained token: the completion and the prompt spans."""
+    ids = _ids(seq)
+    logp = torch.log_softmax(policy.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    trained = [t for start, end in seq.prompt_spans for t in range(start, end)] + list(range(len(seq.prompt_ids), len(ids)))
+    return logp[torch.tensor(trained) - 1, torch.tensor([ids[t] for t in trained])]
 
 
 MIXED = [(5, 3, 1.3), (17, 9, -0.7), (2, 14, 0.4), (11, 1, -1.1), (8, 6, 0.0)]
@@ -285,10 +308,23 @@ def test_micro_batches_keep_every_sequence_within_the_token_budget() -> None:
     batches = policy.micro_batches(sequences)
     assert sorted(map(id, (s for b in batches for s in b))) == sorted(map(id, sequences))
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for b in batches for s in b]
-    assert lengths == sorted(lengths)
+    assert lengths == sorted(lengths)  # no shared prefixes here: sorted by length, to pad little
     for batch in batches:
         width = max(len(s.prompt_ids) + len(s.completion_ids) for s in batch)
         assert len(batch) == 1 or width * len(batch) <= 64
+
+
+def test_micro_batches_count_a_shared_prefix_once() -> None:
+    """Eight completions of one 40-token prompt: 39 + 8 x 7 = 95 computed tokens, not 8 x 46 = 368
+    (position 39 predicts the first completion token, so it is computed per row)."""
+    group = shared_prompt_group(prompt_len=40, completion_lens=[6, 3, 6, 5, 1, 6, 4, 2])
+    stranger = random_sequences([(12, 3, 1.0)], seed=8)[0]
+    assert batch_cost(group) == 39 + 8 * 7
+    assert batch_cost([*group, stranger]) == 9 * 46  # sharing nothing: every row in full
+    batches = tiny_policy(micro_batch_tokens=100).micro_batches([*group, stranger])
+    assert batches == [sorted(group, key=_ids), [stranger]]
+    small = tiny_policy(micro_batch_tokens=64).micro_batches(group)
+    assert len(small) >= 2 and all(batch_cost(b) <= 64 for b in small)
 
 
 def test_train_step_moves_log_probs_in_the_direction_of_the_advantage() -> None:
@@ -425,3 +461,138 @@ def test_a_row_that_stops_early_does_not_disturb_the_others(monkeypatch: pytest.
     assert len(first.logprobs) == 2
     for got, want in zip(others, expected[1:], strict=True):
         assert got.token_ids == want.token_ids and got.finish_reason == "length"
+
+
+# ------------------------------------------------------------------ shared prefixes
+def test_common_prefix_length() -> None:
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2, 3, 9]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2, 3]]) == 2
+    assert common_prefix_length([[5, 6]]) == 2
+    assert common_prefix_length([[1], [2]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+def test_the_shared_prefix_stops_before_the_first_trained_token() -> None:
+    group = shared_prompt_group(prompt_len=30, completion_lens=[4, 5, 6])
+    assert trainable_shared_prefix(group) == 29  # position 29 predicts the first completion token
+    folded = TrainSequence(group[0].prompt_ids, [7, 8], 0.5, ((20, 24),))  # a span inside the common prompt
+    assert trainable_shared_prefix([*group, folded]) == 19
+    short = shared_prompt_group(prompt_len=MIN_SHARED_PREFIX, completion_lens=[2, 3])
+    assert trainable_shared_prefix(short) == 0  # too short to be worth its own pass
+    assert trainable_shared_prefix(group[:1]) == 0
+
+
+def _prefix_batch() -> list[TrainSequence]:
+    """A group sharing a 30-token prompt, a folded multi-turn sequence sharing 24 of it, and a stranger."""
+    group = shared_prompt_group(prompt_len=30, completion_lens=[6, 2, 9, 4])
+    prompt = group[0].prompt_ids
+    folded = TrainSequence(prompt[:24] + [9, 8, 7, 6, 5, 4, 11], [12, 13, 14], 0.8, ((25, 28),))
+    return [*group, folded, *random_sequences([(7, 5, -0.9)], seed=4)]
+
+
+def test_policy_loss_with_a_shared_prefix_matches_the_reference() -> None:
+    policy = tiny_policy()
+    randomize_lora_b(policy)
+    sequences = _prefix_batch()
+    together = sequences[:5]
+    assert trainable_shared_prefix(together) == 24
+    total = sum(s.trained_tokens for s in together)
+    with torch.no_grad():
+        loss, logprob_sum = policy.policy_loss(together, normalizer=total)
+        wanted = [reference_trained_logprobs(policy, s) for s in together]
+    expected = -sum(s.advantage * w.sum() for s, w in zip(together, wanted, strict=True)) / total
+    assert abs(float(loss) - float(expected)) < 1e-4, (float(loss), float(expected))
+    assert logprob_sum == pytest.approx(float(sum(w.sum() for w in wanted)), abs=1e-3)
+
+
+def test_train_step_gradient_with_shared_prefixes_equals_the_reference_gradient() -> None:
+    sequences = _prefix_batch()
+    trained = tiny_policy(max_grad_norm=1e9, micro_batch_tokens=100_000)
+    randomize_lora_b(trained)
+    assert any(trainable_shared_prefix(b) for b in trained.micro_batches(sequences))
+    trained.train_step(sequences, learning_rate=1e-3)
+    got = lora_grads(trained)
+
+    reference = tiny_policy()
+    randomize_lora_b(reference)
+    reference.model.train()
+    total = sum(s.trained_tokens for s in sequences)
+    (-sum(s.advantage * reference_trained_logprobs(reference, s).sum() for s in sequences) / total).backward()
+    want = lora_grads(reference)
+    assert got.keys() == want.keys() and any(float(g.abs().max()) > 1e-4 for g in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+SHARED = list(range(20, 40))  # a 20-token prefix (>= MIN_SHARED_PREFIX) common to all prompts below
+PREFIXED_PROMPTS = [SHARED + [5, 6], SHARED + [7], SHARED + [8, 9, 10], SHARED]
+
+
+def test_sampling_with_a_shared_prefix_matches_each_prompt_alone() -> None:
+    policy = tiny_policy()
+    randomize_lora_b(policy)
+    batched = policy.sample(PREFIXED_PROMPTS, max_new_tokens=8, temperature=0.0)
+    for prompt, sample in zip(PREFIXED_PROMPTS, batched, strict=True):
+        [alone] = policy.sample([prompt], max_new_tokens=8, temperature=0.0)
+        assert sample.token_ids == alone.token_ids and sample.token_ids
+        assert sample.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_shared_prefix_sampled_logprobs_equal_the_training_logprobs() -> None:
+    policy = tiny_policy()
+    randomize_lora_b(policy)
+    samples = policy.sample(PREFIXED_PROMPTS, max_new_tokens=8, temperature=1.0, seed=3)
+    with torch.no_grad():
+        for prompt, sample in zip(PREFIXED_PROMPTS, samples, strict=True):
+            assert sample.token_ids
+            want = reference_logprobs(policy, TrainSequence(prompt, sample.token_ids, 1.0))
+            assert sample.logprobs == pytest.approx(want.tolist(), abs=1e-4)
+
+
+def _base_weights(policy: Policy) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" not in n}
+
+
+def test_sampling_after_a_training_step_uses_the_updated_adapter() -> None:
+    """Sampling merges LoRA into the base weights and training unmerges it: the sampler must
+    see each update, and the base weights must come back (up to rounding)."""
+    policy = tiny_policy(learning_rate=1e-2)
+    randomize_lora_b(policy)
+    base_before = _base_weights(policy)
+    for round_ in range(3):
+        samples = policy.sample(PROMPTS, max_new_tokens=6, temperature=1.0, seed=round_)
+        with torch.no_grad():
+            for prompt, sample in zip(PROMPTS, samples, strict=True):
+                want = reference_logprobs(policy, TrainSequence(prompt, sample.token_ids, 1.0))
+                assert sample.logprobs == pytest.approx(want.tolist(), abs=1e-4)
+        sequences = [TrainSequence(p, s.token_ids, a) for p, s, a in zip(PROMPTS, samples, [1.0, -1.0, 0.5], strict=True)]
+        policy.train_step([s for s in sequences if s.completion_ids], learning_rate=1e-2)
+    for name, before in base_before.items():
+        torch.testing.assert_close(_base_weights(policy)[name], before, atol=1e-6, rtol=0, msg=name)
+
+
+def test_loading_a_checkpoint_after_sampling_serves_the_loaded_adapter(tmp_path: Path) -> None:
+    saved = tiny_policy()
+    randomize_lora_b(saved, seed=2)
+    saved.save(tmp_path / "ckpt")
+    policy = tiny_policy()
+    randomize_lora_b(policy, seed=9)
+    policy.sample(PROMPTS, max_new_tokens=4, temperature=0.0)  # merges the seed-9 adapter
+    policy.load(tmp_path / "ckpt")
+    got = policy.sample(PROMPTS, max_new_tokens=6, temperature=0.0)
+    want = saved.sample(PROMPTS, max_new_tokens=6, temperature=0.0)
+    assert [s.token_ids for s in got] == [s.token_ids for s in want]
+    for got_sample, want_sample in zip(got, want, strict=True):
+        assert got_sample.logprobs == pytest.approx(want_sample.logprobs, abs=1e-5)
+
+
+def test_the_sampling_cache_grows_past_its_reserved_capacity() -> None:
+    layer = PreallocatedLayer(capacity=2)
+    chunks = [torch.randn(2, 3, n, 4) for n in (3, 1, 2)]
+    for chunk in chunks:
+        keys, values = layer.update(chunk, chunk * 2)
+    torch.testing.assert_close(keys, torch.cat(chunks, dim=2))
+    torch.testing.assert_close(values, torch.cat(chunks, dim=2) * 2)
+    assert layer.get_seq_length() == 6
+    layer.batch_select_indices(torch.tensor([1]))
+    torch.testing.assert_close(layer.keys, torch.cat(chunks, dim=2)[1:])

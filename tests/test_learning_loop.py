@@ -24,6 +24,7 @@ FAST_FLAGS = [
     "--max-turns", "1",
     "--max-tokens", "12",
     "--eval-scenarios", "1",
+    "--eval-samples", "1",
     "--no-wandb",
 ]
 

@@ -5,7 +5,7 @@
 - `analyze_run(run_id)` -> `RunFailureReport`: counts by primary category, by iteration x
   category, the most failing prospects, stuck-at patterns (one prospect failing with the same
   category in >= 3 consecutive attempts), a few examples per category, and the number of
-  trajectories seen (from `iterations.jsonl`);
+  trajectories seen and the run's cumulative LLM usage (both from `iterations.jsonl`);
 - `analyze_cross_run_patterns(last_n_runs)` -> `CrossRunReport`: prospects and categories
   that fail in >= 2/3 of the runs they appear in, and each category's share across runs in
   chronological order;
@@ -35,6 +35,7 @@ from codreamer.analysis.categories import PRIORITY, FailureCategory, sort_catego
 from codreamer.analysis.collector import FAILURES_FILE, Failure, load_failures
 from codreamer.pipeline.history import read_history
 from codreamer.runs import ITERATIONS_FILE, RUN_FILE
+from codreamer.usage import KINDS, LLMPrices, UsageLedger, current_ledger, timed_llm_call, using_ledger
 
 __all__ = [
     "AnalyzerJudgeConfig",
@@ -129,6 +130,7 @@ class JudgeAnalysis(BaseModel):
     model: str | None = None
     reason: str | None = None
     findings: list[JudgeFinding] = Field(default_factory=list)
+    usage: dict[str, float] = Field(default_factory=dict, description="`llm/analyzer/*` figures of this explanation.")
 
 
 class RunFailureReport(BaseModel):
@@ -148,6 +150,9 @@ class RunFailureReport(BaseModel):
     trajectories_seen: int | None = None
     exceptions_seen: int | None = None
     failed_trajectories: int = 0
+    llm_usage: dict[str, float] = Field(
+        default_factory=dict, description="Cumulative `llm/*` figures of the last iterations.jsonl record."
+    )
     judge: JudgeAnalysis = Field(default_factory=JudgeAnalysis)
 
     @property
@@ -190,6 +195,7 @@ class CrossRunReport(BaseModel):
     consistent_categories: list[CrossRunItem] = Field(default_factory=list)
     consistent_pairs: list[CrossRunItem] = Field(default_factory=list)
     trends: list[CategoryTrend] = Field(default_factory=list)
+    llm_usage_per_run: dict[str, dict[str, float]] = Field(default_factory=dict, description="Runs that recorded usage.")
     judge: JudgeAnalysis = Field(default_factory=JudgeAnalysis)
 
     @property
@@ -256,6 +262,19 @@ def _category_stats(failures: Sequence[Failure]) -> CategoryStats:
         invalid_tool_call_share=_share([v > 0 for v in num("invalid_tool_calls")]),
         truncated_share=_share([s.get("finish_reason") == "length" for s in states if "finish_reason" in s]),
     )
+
+
+def _llm_usage(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The `llm/*` figures of the last record that has them (they are cumulative per run)."""
+    for record in reversed(records):
+        usage = {
+            k: float(v)
+            for k, v in record.items()
+            if k.startswith("llm/") and isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        if usage:
+            return usage
+    return {}
 
 
 def _runs_in(run_dir: Path) -> tuple[list[dict[str, Any]], dict[int, set[str]]]:
@@ -352,9 +371,10 @@ def recommendation(category: FailureCategory, stats: CategoryStats | None = None
 class FailureAnalyzer:
     """Reads failures of the runs under `runs_root` (= `runs/<project>/models`)."""
 
-    def __init__(self, runs_root: Path, judge: AnalyzerJudgeConfig | None = None) -> None:
+    def __init__(self, runs_root: Path, judge: AnalyzerJudgeConfig | None = None, *, prices: LLMPrices | None = None) -> None:
         self.runs_root = Path(runs_root)
         self.judge = judge
+        self.prices = prices
 
     # --- runs --------------------------------------------------------------------------
 
@@ -380,7 +400,8 @@ class FailureAnalyzer:
 
     def run_dir(self, run_id: str) -> Path:
         path = self.runs_root / run_id
-        if not run_id or "/" in run_id or not path.is_dir() or not ((path / RUN_FILE).is_file() or (path / FAILURES_FILE).is_file()):
+        unsafe = not run_id or run_id in {".", ".."} or "/" in run_id or "\\" in run_id
+        if unsafe or not path.is_dir() or not ((path / RUN_FILE).is_file() or (path / FAILURES_FILE).is_file()):
             known = ", ".join(p.name for p in self.run_dirs()[-5:]) or "none"
             raise FileNotFoundError(f"no run '{run_id}' under {self.runs_root} (recent runs: {known})")
         return path
@@ -462,6 +483,7 @@ class FailureAnalyzer:
         report.failed_trajectories = len(
             {(f.iteration, f.trajectory_id) for f in failures if f.split == "train" and f.source == "output" and f.trajectory_id}
         )
+        report.llm_usage = _llm_usage(records)
         return report
 
     # --- across runs -------------------------------------------------------------------
@@ -473,7 +495,9 @@ class FailureAnalyzer:
         scheduled: dict[str, set[str]] = {}
         for d in dirs:
             loaded[d.name], _ = load_failures(d)
-            _, per_iteration = _runs_in(d)
+            records, per_iteration = _runs_in(d)
+            if usage := _llm_usage(records):
+                report.llm_usage_per_run[d.name] = usage
             scheduled[d.name] = set().union(*per_iteration.values()) if per_iteration else set()
         scenario_prospect = {
             f.scenario_id: f.prospect_id for fs in loaded.values() for f in fs if f.scenario_id and f.prospect_id
@@ -554,8 +578,13 @@ class FailureAnalyzer:
         """
         if self.judge is None:
             return report.model_copy(update={"judge": JudgeAnalysis(status="not_configured")})
-        analysis = await _ask_judge(self.judge, report)
-        return report.model_copy(update={"judge": analysis})
+        outer, ledger = current_ledger(), UsageLedger(self.prices)
+        with using_ledger(ledger):  # the explanation's own usage, for the report
+            analysis = await _ask_judge(self.judge, report)
+        if outer is not None:  # and the caller's (a running loop's) cumulative usage
+            outer.merge(ledger)
+        usage = {k: v for k, v in ledger.totals().items() if k.startswith("llm/analyzer/")}
+        return report.model_copy(update={"judge": analysis.model_copy(update={"usage": usage})})
 
 
 # --------------------------------------------------------------------------- judge call
@@ -645,7 +674,7 @@ async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | Cro
     async def one_call() -> str | None:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(config.attempts),
-            wait=wait_exponential_jitter(initial=config.backoff_initial_s, max=config.backoff_max_s),
+            wait=wait_exponential_jitter(multiplier=config.backoff_initial_s, max=config.backoff_max_s, jitter=config.backoff_initial_s),
             retry=retry_if_exception_type(transient),
             reraise=True,
             before_sleep=lambda state: logger.warning(
@@ -656,10 +685,11 @@ async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | Cro
             ),
         )
         async for attempt in retrying:
-            with attempt:
+            with attempt, timed_llm_call("analyzer", config.model) as call:
                 completion = await client.chat.completions.create(
                     model=config.model, messages=messages, temperature=0.0, max_tokens=config.max_tokens
                 )
+                call.set_usage(getattr(completion, "usage", None))
                 if not completion.choices:
                     return None
                 return completion.choices[0].message.content
@@ -671,7 +701,8 @@ async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | Cro
             try:
                 answer = await one_call()
             except Exception as exc:  # noqa: BLE001 - the report says why, the caller goes on
-                reason = _redact(f"{type(exc).__name__}: {exc}", config)
+                tries = f" (after {config.attempts} attempts)" if isinstance(exc, transient) and config.attempts > 1 else ""
+                reason = _redact(f"{type(exc).__name__}{tries}: {exc}", config)
                 break
             try:
                 parsed = parse_judge_answer(answer)
@@ -698,15 +729,68 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines
 
 
+def _judge_usage_line(judge: JudgeAnalysis) -> list[str]:
+    if not judge.usage:
+        return []
+    _, calls, errors, prompt, completion, mean, cost = _usage_row("", judge.usage, "llm/analyzer")
+    return [
+        f"Judge calls: {calls} ({errors} failed), {prompt} prompt + {completion} completion tokens, "
+        f"mean latency {mean} ms, cost: {cost}.",
+        "",
+    ]
+
+
 def _judge_section(judge: JudgeAnalysis) -> list[str]:
     lines = ["## LLM judge analysis", ""]
     if judge.status == "not_configured":
         return lines + [NO_JUDGE_LINE, ""]
     if judge.status == "unavailable":
-        return lines + [f"judge unavailable: {judge.reason}", "", "The recommendations above are rule-based only.", ""]
-    lines += [f"Judge model: `{judge.model}`.", ""]
+        lines += [f"judge unavailable: {judge.reason}", "", "The recommendations above are rule-based only.", ""]
+        return lines + _judge_usage_line(judge)
+    lines += [f"Judge model: `{judge.model}`.", ""] + _judge_usage_line(judge)
     rows = [(f.category.value, f.root_cause, f.suggestion, f"{f.confidence:.2f}") for f in judge.findings]
     return lines + _table(["category", "root cause", "suggestion", "confidence"], rows) + [""]
+
+
+def _usage_kinds(usage: Mapping[str, float]) -> list[str]:
+    kinds = {k.split("/")[1] for k in usage if k.count("/") == 2}
+    return sorted(kinds, key=lambda k: (KINDS.index(k) if k in KINDS else len(KINDS), k))
+
+
+def _usage_row(label: str, usage: Mapping[str, float], prefix: str) -> tuple[Any, ...]:
+    def get(name: str) -> float:
+        return float(usage.get(f"{prefix}/{name}", 0.0))
+
+    cost = usage.get(f"{prefix}/cost_usd")
+    mean = usage.get(f"{prefix}/latency_ms_mean")
+    return (
+        label,
+        int(get("calls")),
+        int(get("errors")),
+        int(get("prompt_tokens")),
+        int(get("completion_tokens")),
+        f"{mean:.0f}" if mean is not None else "-",
+        f"{cost:.4f}" if cost is not None else "no price set",
+    )
+
+
+_USAGE_HEADER = ["calls", "errors", "prompt tokens", "completion tokens", "mean latency (ms)", "cost (USD)"]
+
+
+def _usage_section(usage: Mapping[str, float]) -> list[str]:
+    """Cumulative LLM usage of a run (the last history record's `llm/*` figures)."""
+    lines = ["## LLM usage", ""]
+    if not usage:
+        return lines + ["No LLM usage recorded in iterations.jsonl.", ""]
+    lines += ["Cumulative over the run (last iteration record).", ""]
+    rows = [_usage_row(kind, usage, f"llm/{kind}") for kind in _usage_kinds(usage)]
+    rows.append(_usage_row("**all**", usage, "llm"))
+    lines += _table(["kind", *_USAGE_HEADER], rows)
+    without = int(usage.get("llm/calls_without_usage", 0))
+    if without:
+        lines.append("")
+        lines.append(f"{without} call(s) reported no token usage: their tokens and cost are not counted.")
+    return lines + [""]
 
 
 def _run_markdown(report: RunFailureReport) -> str:
@@ -788,6 +872,7 @@ def _run_markdown(report: RunFailureReport) -> str:
     else:
         lines.append("Nothing to recommend.")
     lines.append("")
+    lines += _usage_section(report.llm_usage)
     lines += _judge_section(report.judge)
     return "\n".join(lines)
 
@@ -847,6 +932,13 @@ def _cross_markdown(report: CrossRunReport) -> str:
                 lines.append(f"- **{t.category.value}** is rising ({t.change:+.0%} of failures from the first to the last run): check what changed between those runs.")
     else:
         lines.append("Nothing to recommend.")
+    lines.append("")
+    lines += ["## LLM usage", ""]
+    if report.llm_usage_per_run:
+        lines += ["Cumulative per run (last iteration record of each).", ""]
+        lines += _table(["run", *_USAGE_HEADER], [_usage_row(r, u, "llm") for r, u in report.llm_usage_per_run.items()])
+    else:
+        lines.append("No LLM usage recorded in these runs.")
     lines.append("")
     lines += _judge_section(report.judge)
     return "\n".join(lines)

@@ -33,6 +33,7 @@ __all__ = [
     "categorize_exception",
     "categorize_output",
     "email_word_count",
+    "exception_type_name",
     "primary_category",
     "sort_categories",
 ]
@@ -172,13 +173,29 @@ _STAGE_FALLBACK = {
 }
 
 
+_CLASS_REPR_RE = re.compile(r"^<class '([^']+)'>$")
+
+
+def exception_type_name(raw: str | None) -> str:
+    """The dotted name of an exception type as ART or Python wrote it.
+
+    ART's `PydanticException.type` is `str(type(exc))`, e.g. ``<class 'openai.APITimeoutError'>``;
+    this returns ``openai.APITimeoutError`` (a plain name is returned unchanged).
+    """
+    text = (raw or "").strip()
+    match = _CLASS_REPR_RE.match(text)
+    return match.group(1) if match else text
+
+
 def categorize_exception(type_name: str, message: str, *, stage: str | None = None) -> FailureCategory:
     """Category of an exception, by its type name first, then by its message.
 
-    `stage` ("rollout", "train", "judge") only chooses the fallback when nothing matches:
+    Only the class name is matched (``openai.APITimeoutError`` -> ``APITimeoutError``), so that
+    module names such as ``codreamer.training`` cannot decide the category. `stage`
+    ("rollout", "train", "judge") only chooses the fallback when nothing matches:
     `training_error` for "train", `judge_error` for "judge", else `rollout_crash`.
     """
-    type_name = type_name or ""
+    type_name = exception_type_name(type_name).rsplit(".", 1)[-1]
     message = message or ""
     for pattern, category in _TYPE_RULES:
         if pattern.search(type_name):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from codreamer.analysis.analyzer import AnalyzerJudgeConfig, CrossRunReport, FailureAnalyzer, RunFailureReport
 from codreamer.analysis.charts import plot_categories_over_iterations
+from codreamer.usage import LLMPrices
 
 __all__ = ["CROSS_RUN_DIR", "REPORT_FILE", "CHART_FILE", "cmd_analyze"]
 
@@ -16,7 +17,14 @@ CHART_FILE = "failure_categories.png"
 CROSS_RUN_DIR = "_cross_run"
 
 
-def cmd_analyze(runs_root: Path, run_id: str | None, last: int | None, judge: AnalyzerJudgeConfig | None) -> int:
+def cmd_analyze(
+    runs_root: Path,
+    run_id: str | None,
+    last: int | None,
+    judge: AnalyzerJudgeConfig | None,
+    *,
+    prices: LLMPrices | None = None,
+) -> int:
     """Analyse one run (`run_id`; default: the most recent) or the `last` N runs.
 
     Writes `failure_report.md` and `failure_categories.png` into the run directory (for
@@ -30,7 +38,7 @@ def cmd_analyze(runs_root: Path, run_id: str | None, last: int | None, judge: An
     if last is not None and last < 1:
         print("analyze: --last must be at least 1", file=sys.stderr)
         return 2
-    analyzer = FailureAnalyzer(runs_root, judge=judge)
+    analyzer = FailureAnalyzer(runs_root, judge=judge, prices=prices)
     report: RunFailureReport | CrossRunReport
     if last is not None:
         if not analyzer.run_dirs():
@@ -64,4 +72,12 @@ def cmd_analyze(runs_root: Path, run_id: str | None, last: int | None, judge: An
     print(f"chart:  {chart_path}")
     if report.judge.status == "unavailable":
         print(f"judge unavailable: {report.judge.reason}")
+    if report.judge.usage:
+        usage = report.judge.usage
+        cost = usage.get("llm/analyzer/cost_usd")
+        print(
+            f"judge calls: {usage.get('llm/analyzer/calls', 0):.0f}, tokens: "
+            f"{usage.get('llm/analyzer/prompt_tokens', 0):.0f} + {usage.get('llm/analyzer/completion_tokens', 0):.0f}"
+            + (f", cost ${cost:.4f}" if cost is not None else "")
+        )
     return 0

@@ -16,11 +16,12 @@ from typing import Any
 import art
 import weave
 from loguru import logger
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from codreamer.config import RolloutConfig
 from codreamer.local_trace import traced
 from codreamer.domain import Product, Scenario
+from codreamer.pipeline.evaluation import EvalSummary, generate_eval_groups, summarize_evaluation
+from codreamer.retry import RetryPolicy, retrying
 from codreamer.rewards.scoring import RewardScorer, ScoringSummary
 from codreamer.training.rollout import rollout
 
@@ -35,6 +36,7 @@ class RolloutPlan:
     concurrency: int
     max_exceptions: float
     seed: int
+    rollout_timeout_s: float = 900.0
 
 
 @dataclass
@@ -79,13 +81,20 @@ async def generate_trajectories(
     """Run every scenario `group_size` times, at most `concurrency` rollouts in flight.
 
     A crashed rollout does not stop the others: it lands in its group's `exceptions`, and
-    the stage gives up only when more than `max_exceptions` rollouts failed.
+    the stage gives up only when more than `max_exceptions` rollouts failed. A rollout that
+    runs past `rollout_timeout_s` is cancelled and lands there as a `TimeoutError`.
     """
     limiter = asyncio.Semaphore(plan.concurrency)
 
     async def bounded(scenario: Scenario, seed: int) -> art.Trajectory:
         async with limiter:
-            return await rollout(model, scenario, plan.product, plan.config, step=step, seed=seed)
+            try:
+                async with asyncio.timeout(plan.rollout_timeout_s):
+                    return await rollout(model, scenario, plan.product, plan.config, step=step, seed=seed)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"rollout of {scenario.scenario_id} (seed {seed}) timed out after {plan.rollout_timeout_s:g}s"
+                ) from None
 
     groups = [
         art.trajectory_group(
@@ -95,7 +104,34 @@ async def generate_trajectories(
         )
         for i, s in enumerate(scenarios)
     ]
-    return await art.gather_trajectory_groups(groups, pbar_desc=pbar_desc, max_exceptions=plan.max_exceptions)
+    gathered = await art.gather_trajectory_groups(groups, pbar_desc=pbar_desc, max_exceptions=plan.max_exceptions)
+    check_rollout_failures(gathered, len(scenarios) * plan.group_size, plan.max_exceptions)
+    return gathered
+
+
+class RolloutFailuresError(RuntimeError):
+    """More rollouts failed than `max_exceptions` allows; `groups` holds what was gathered."""
+
+    def __init__(self, message: str, groups: list[art.TrajectoryGroup]) -> None:
+        super().__init__(message)
+        self.groups = groups
+
+
+def check_rollout_failures(groups: list[art.TrajectoryGroup], planned: int, max_exceptions: float) -> None:
+    """Give the stage up when failed rollouts exceed `max_exceptions` (a count, or a fraction if < 1).
+
+    ART records the exceptions of `return_exceptions=True` groups in the groups without
+    applying its own `max_exceptions`, so the limit is enforced here, over all rollouts.
+    """
+    failed = [e for g in groups for e in g.exceptions]
+    allowed = max_exceptions * planned if max_exceptions < 1 else max_exceptions
+    if len(failed) > allowed:
+        first = failed[0]
+        raise RolloutFailuresError(
+            f"{len(failed)} of {planned} rollouts failed (max_exceptions={max_exceptions:g}); "
+            f"first: {first.type.removeprefix("<class '").removesuffix("'>")}: {first.message}",
+            groups,
+        )
 
 
 @weave.op
@@ -112,27 +148,21 @@ async def score_trajectories(
     return await scorer.score(groups, scenarios, step=step, emails_sent=emails_sent)
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: I/O and connection trouble, timeouts, out-of-memory on a busy host."""
-    return isinstance(exc, ConnectionError | TimeoutError | OSError | MemoryError)
-
-
 @weave.op
 @traced
 async def grpo_update(
-    backend: Any, model: art.TrainableModel, groups: list[art.TrajectoryGroup], *, learning_rate: float, attempts: int
+    backend: Any,
+    model: art.TrainableModel,
+    groups: list[art.TrajectoryGroup],
+    *,
+    learning_rate: float,
+    retry: RetryPolicy | None = None,
 ) -> art.TrainResult:
-    """One GRPO step, retried with exponential backoff and jitter on transient errors only."""
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=1, max=30),
-        retry=retry_if_exception(_is_transient),
-        reraise=True,
-        before_sleep=lambda state: logger.warning(
-            "training step failed ({}), retry {} of {}", state.outcome.exception(), state.attempt_number, attempts - 1
-        ),
-    )
-    async for attempt in retrying:
+    """One GRPO step, retried with exponential backoff and jitter on transient errors only.
+
+    A permanent error (a bug, a bad batch) is raised at once: retrying it would only hide it.
+    """
+    async for attempt in retrying(retry or RetryPolicy(), "training"):
         with attempt:
             return await backend.train(model, groups, learning_rate=learning_rate)
     raise AssertionError("unreachable")  # AsyncRetrying either returns or re-raises
@@ -141,17 +171,35 @@ async def grpo_update(
 @weave.op
 @traced
 async def evaluate(
-    model: art.Model, scenarios: Sequence[Scenario], plan: RolloutPlan, scorer: RewardScorer, *, step: int
-) -> tuple[list[art.TrajectoryGroup], RewardStats]:
-    """Score the current policy on held-out scenarios (never trained on), one sample each.
+    model: art.Model,
+    scenarios: Sequence[Scenario],
+    plan: RolloutPlan,
+    scorer: RewardScorer,
+    *,
+    step: int,
+    samples: int,
+    bootstrap_samples: int,
+) -> tuple[list[art.TrajectoryGroup], EvalSummary]:
+    """Score the current policy on held-out scenarios (never trained on), `samples` each.
 
-    Evaluation emails are not sent: no outcome is simulated or read for them, so their
-    reward is the blend of the offline parts (renormalised, and recorded as such).
+    The seeds depend only on the run seed, scenario and sample index (`eval_seeds`), so two
+    evaluations differ by the policy alone. Evaluation emails are not sent: no outcome is
+    simulated or read for them, so their reward is the blend of the offline parts
+    (renormalised, and recorded as such). Means come with bootstrap 95% intervals.
     """
-    eval_plan = RolloutPlan(plan.product, plan.config, 1, plan.concurrency, plan.max_exceptions, plan.seed + 7919)
-    groups = await generate_trajectories(model, scenarios, eval_plan, step=step, pbar_desc="eval")
+    groups = await generate_eval_groups(
+        model,
+        scenarios,
+        product=plan.product,
+        config=plan.config,
+        samples=samples,
+        seed=plan.seed,
+        step=step,
+        concurrency=plan.concurrency,
+        max_exceptions=plan.max_exceptions,
+    )
     await score_trajectories(groups, scenarios, scorer, step=step, emails_sent=False)
-    return groups, RewardStats.of([t for g in groups for t in g.trajectories])
+    return groups, summarize_evaluation(groups, step, bootstrap_samples=bootstrap_samples, seed=plan.seed)
 
 
 @weave.op

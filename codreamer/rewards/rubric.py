@@ -27,9 +27,11 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
+import weave
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from codreamer.domain import Email, Product, Prospect
+from codreamer.local_trace import traced
 
 __all__ = ["PART_NAMES", "RubricPart", "RubricScore", "RubricWeights", "score_email"]
 
@@ -515,6 +517,8 @@ def _clean_format(body: str, subject: str, body_words: list[str]) -> tuple[float
 # --------------------------------------------------------------------------- entry point
 
 
+@weave.op
+@traced
 def score_email(
     email: Email, prospect: Prospect, product: Product, weights: RubricWeights = RubricWeights()
 ) -> RubricScore:

@@ -33,6 +33,7 @@ import time
 import art
 import litellm
 import openai
+import weave
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from tenacity import (
@@ -42,6 +43,9 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential_jitter,
 )
+
+from codreamer.local_trace import traced
+from codreamer.usage import art_judge_usage, timed_llm_call
 
 __all__ = [
     "GroupJudgement",
@@ -156,6 +160,8 @@ def _describe(exc: BaseException, secret: SecretStr | None) -> str:
     return text
 
 
+@weave.op
+@traced
 async def judge_group(group: art.TrajectoryGroup, judge: JudgeConfig) -> GroupJudgement:
     """Score `group` with RULER; never raises for judge failures (see the module docstring).
 
@@ -203,14 +209,16 @@ async def judge_group(group: art.TrajectoryGroup, judge: JudgeConfig) -> GroupJu
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    scored = await art.rewards.ruler_score_group(
-                        group,
-                        judge_model=judge.model,
-                        extra_litellm_params=params,
-                        rubric=rubric,
-                        swallow_exceptions=False,
-                        debug=False,
-                    )
+                    # one usage record per attempt (ART may send 2 requests in one: tokens summed)
+                    with timed_llm_call("judge", judge.model) as call, art_judge_usage(call):
+                        scored = await art.rewards.ruler_score_group(
+                            group,
+                            judge_model=judge.model,
+                            extra_litellm_params=params,
+                            rubric=rubric,
+                            swallow_exceptions=False,
+                            debug=False,
+                        )
     except TimeoutError as exc:
         if deadline.expired():
             error = f"TimeoutError: judge exceeded its overall budget of {budget_s:.1f}s"

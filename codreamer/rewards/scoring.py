@@ -17,9 +17,11 @@ from typing import Any, Protocol
 
 import anyio
 import art
+import weave
 
 from codreamer.domain import Product, Scenario
 from codreamer.events.models import OnlineOutcome
+from codreamer.local_trace import traced
 from codreamer.rewards.blend import OutcomeFlags, RewardMixConfig, compute_rewards
 from codreamer.rewards.rubric import RubricScore, score_email
 from codreamer.rewards.simulator import ProspectSimulator
@@ -98,10 +100,14 @@ class RewardScorer:
         for trajectory in _trajectories(groups):
             blended = totals[_tid(trajectory)]
             trajectory.metrics.update(blended.as_metrics())
+            if (flags := outcomes.get(_tid(trajectory))) is not None:
+                trajectory.metrics |= {"outcome/opened": float(flags.opened), "outcome/replied": float(flags.replied)}
             trajectory.reward = blended.total
             renormalized += blended.renormalized
         return ScoringSummary(len(totals), judge_errors, renormalized, appended)
 
+    @weave.op(name="score_rubric")
+    @traced(name="score_rubric")
     def _score_rubric(self, groups: list[art.TrajectoryGroup], by_id: Mapping[str, Scenario]) -> dict[str, RubricScore]:
         scores = {}
         for group in groups:
@@ -112,6 +118,8 @@ class RewardScorer:
                 scores[_tid(trajectory)] = score
         return scores
 
+    @weave.op(name="score_judge")
+    @traced(name="score_judge")
     async def _judge(self, groups: list[art.TrajectoryGroup]) -> int:
         """RULER on every group at once; returns how many groups ended in a judge error."""
         if self.judge is None:
@@ -132,6 +140,8 @@ class RewardScorer:
                     tasks.start_soon(judge_one, group)
         return errors
 
+    @weave.op(name="score_simulate_outcomes")
+    @traced(name="score_simulate_outcomes")
     def _simulate_outcomes(
         self,
         groups: list[art.TrajectoryGroup],
@@ -150,6 +160,8 @@ class RewardScorer:
         ]
         return self.events.append(outcomes)
 
+    @weave.op(name="score_read_outcomes")
+    @traced(name="score_read_outcomes")
     def _read_outcomes(self, groups: list[art.TrajectoryGroup]) -> dict[str, OutcomeFlags]:
         if self.events is None:
             return {}

@@ -8,8 +8,9 @@ model calls `finalize_email` with a valid subject and body; if it never does wit
 produced and `metadata["auto_finalized"]` is True.
 
 No reward is computed here: scoring is a separate stage that reads the email back with
-`email_from_trajectory`. Client errors (timeouts, connection errors, HTTP errors) are not
-caught: they propagate so that the caller's gather records them as group exceptions.
+`email_from_trajectory`. Client errors (timeouts, connection errors, HTTP errors) are
+retried here (`codreamer.retry`: transient ones only, with backoff, counted); what still
+fails propagates, so that the caller's gather records it as a group exception.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from codreamer.agent.tools import FINALIZE_EMAIL, LOOKUP_COMPANY, LOOKUP_PROSPEC
 from codreamer.config import RolloutConfig
 from codreamer.domain import Email, Product, Scenario
 from codreamer.local_trace import traced
+from codreamer.retry import RetryPolicy, retrying
+from codreamer.usage import timed_llm_call
 
 __all__ = [
     "METADATA_KEYS",
@@ -239,8 +242,24 @@ def _trace_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 
 @traced
 async def chat_completion(client: Any, request: dict[str, Any]) -> Any:
-    """One policy call; a local span of its own so the trace shows every LLM call's latency."""
-    return await client.chat.completions.create(**request)
+    """One policy call; a local span of its own so the trace shows every LLM call's latency.
+
+    Counted in the current usage ledger (kind "policy": latency, the server's token usage,
+    errors) when the loop has one (`codreamer.usage.using_ledger`).
+    """
+    async with timed_llm_call("policy", request.get("model")) as call:
+        completion = await client.chat.completions.create(**request)
+        call.set_usage(getattr(completion, "usage", None))
+    return completion
+
+
+async def _complete_with_retries(client: Any, request: dict[str, Any], config: RolloutConfig) -> Any:
+    """`chat_completion`, tried again with backoff on transient errors (`codreamer.retry`)."""
+    policy = RetryPolicy(attempts=config.inference_attempts, initial_s=config.retry_initial_s, max_s=config.retry_max_s)
+    async for attempt in retrying(policy, "inference"):
+        with attempt:
+            return await chat_completion(client, request)
+    raise AssertionError("unreachable")  # retrying either returns or re-raises
 
 
 @weave.op(postprocess_inputs=_trace_inputs)
@@ -255,7 +274,7 @@ async def rollout(
     seed: int | None = None,
 ) -> art.Trajectory:
     """Run one episode of the outreach agent on `scenario`; see the module docstring."""
-    client = model.openai_client()
+    client = model.openai_client().with_options(max_retries=0)  # retries are ours: classified, counted
     model_name = model.get_inference_name()
     prospect = scenario.prospect
     items: list[Any] = list(initial_messages(prospect, product))
@@ -277,7 +296,7 @@ async def rollout(
         }
         if seed is not None:
             request["seed"] = seed
-        completion = await chat_completion(client, request)
+        completion = await _complete_with_retries(client, request, config)
         if not completion.choices:
             raise RuntimeError(f"inference server returned no choices for scenario {scenario.scenario_id}")
         choice = completion.choices[0]

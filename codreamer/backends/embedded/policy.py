@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +19,16 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicCache
 
+from codreamer.backends.embedded.kv_cache import common_prefix_length, preallocated_cache
 from codreamer.config import GRPOConfig
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_FILE = "adapter_model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+#: A common prefix shorter than this is not worth a forward pass of its own.
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,59 @@ def _row_generators(seed: int | Sequence[int | None] | None, rows: int) -> list[
     return [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
 
 
+def _tokens(seq: TrainSequence) -> list[int]:
+    return seq.prompt_ids + seq.completion_ids
+
+
+def _first_trained(seq: TrainSequence) -> int:
+    return min([len(seq.prompt_ids), *(start for start, _ in seq.prompt_spans)])
+
+
+def _shared_limit(seq: TrainSequence) -> int:
+    """How much of `seq` a shared prefix may cover: up to the position that predicts its first trained token."""
+    return _first_trained(seq) - 1
+
+
+def trainable_shared_prefix(sequences: Sequence[TrainSequence]) -> int:
+    """Length of the prefix all `sequences` share and none trains on (0 when not worth sharing)."""
+    if len(sequences) < 2:
+        return 0
+    shared = min(common_prefix_length([_tokens(s) for s in sequences]), *(_shared_limit(s) for s in sequences))
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def batch_cost(sequences: Sequence[TrainSequence]) -> int:
+    """Tokens a micro-batch computes: its shared prefix once, plus each row's padded rest."""
+    shared = trainable_shared_prefix(sequences)
+    return shared + len(sequences) * (max(s.length for s in sequences) - shared)
+
+
+def _prefix_runs(ordered: Sequence[TrainSequence]) -> Iterator[list[TrainSequence]]:
+    """Consecutive runs of token-sorted sequences, extended while sharing saves computed tokens."""
+    run: list[TrainSequence] = []
+    for seq in ordered:
+        if run and batch_cost([*run, seq]) >= batch_cost(run) + seq.length:
+            yield run
+            run = []
+        run.append(seq)
+    if run:
+        yield run
+
+
+def _chunks(sequences: Sequence[TrainSequence], budget: int) -> list[list[TrainSequence]]:
+    """Consecutive chunks whose `batch_cost` fits `budget` (a longer sequence goes alone)."""
+    chunks: list[list[TrainSequence]] = []
+    current: list[TrainSequence] = []
+    for seq in sequences:
+        if current and batch_cost([*current, seq]) > budget:
+            chunks.append(current)
+            current = []
+        current.append(seq)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class Policy:
     """LoRA policy with sampling and a GRPO step; every public method is thread-safe."""
 
@@ -89,6 +146,8 @@ class Policy:
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self._trainable, lr=config.learning_rate, weight_decay=0.0)
         self._lock = threading.Lock()
+        self._num_layers = int(base.config.num_hidden_layers)
+        self._lora_merged = False
         self.model.eval()
 
     # ----------------------------------------------------------------------------- sampling
@@ -116,15 +175,19 @@ class Policy:
         temperature: float,
         generators: list[torch.Generator | None],
     ) -> list[Sample]:
-        input_ids, attention = self._left_pad(prompts)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        self._merge_lora()
         batch = len(prompts)
+        cache = preallocated_cache(self._num_layers, max(len(p) for p in prompts) + max_new_tokens)
+        shared = self._prefill_shared_prefix(prompts, cache)
+        input_ids, suffix_mask = self._left_pad([p[shared:] for p in prompts])
+        attention = torch.cat([torch.ones(batch, shared, dtype=suffix_mask.dtype), suffix_mask], dim=-1)
+        positions = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprobs: list[list[float]] = [[] for _ in range(batch)]
         finished = [False] * batch
-        cache = None
+        live = list(range(batch))  # original row of each row still in the batch
         step_ids, step_pos = input_ids, positions
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             out = self.model(
                 input_ids=step_ids,
                 attention_mask=attention,
@@ -133,27 +196,46 @@ class Policy:
                 use_cache=True,
                 logits_to_keep=1,  # the prefill needs the last position's logits only
             )
-            cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
-            chosen, chosen_logprobs = self._choose(logits, temperature, generators)
-            for row in range(batch):
-                if finished[row]:
-                    continue
-                token = int(chosen[row])
+            chosen, chosen_logprobs = self._choose(logits, temperature, [generators[row] for row in live])
+            keep = []
+            for index, (row, token, logprob) in enumerate(zip(live, chosen.tolist(), chosen_logprobs.tolist(), strict=True)):
                 if token in self.stop_ids:
                     finished[row] = True
                     continue
                 tokens[row].append(token)
-                logprobs[row].append(float(chosen_logprobs[row]))
-            if all(finished):
+                logprobs[row].append(logprob)
+                keep.append(index)
+            if not keep or step + 1 == max_new_tokens:
                 break
-            chosen = torch.where(torch.tensor(finished), torch.full_like(chosen, self.pad_id), chosen)
+            if len(keep) < len(live):  # drop finished rows: later steps compute only live ones
+                selected = torch.tensor(keep)
+                cache.batch_select_indices(selected)
+                attention, chosen, step_pos = attention[selected], chosen[selected], step_pos[selected]
+                live = [live[index] for index in keep]
             step_ids = chosen.unsqueeze(-1)
             step_pos = step_pos[:, -1:] + 1
-            attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype)], dim=-1)
+            attention = torch.cat([attention, torch.ones(len(live), 1, dtype=attention.dtype)], dim=-1)
         return [
             Sample(tokens[row], logprobs[row], "stop" if finished[row] else "length") for row in range(batch)
         ]
+
+    def _prefill_shared_prefix(self, prompts: list[list[int]], cache: Cache) -> int:
+        """Run the prompts' common prefix once (batch 1) and copy its keys/values to every row.
+
+        The rows of a GRPO group share the whole prompt, and every rollout shares the system
+        prompt, so this removes most of the prefill. Returns the prefix length (0: none).
+        At least one token of each prompt is left to the batched pass, which yields the
+        next-token logits.
+        """
+        if len(prompts) < 2:
+            return 0
+        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+        if shared < MIN_SHARED_PREFIX:
+            return 0
+        self.model(input_ids=torch.tensor([prompts[0][:shared]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(prompts))
+        return shared
 
     @staticmethod
     def _choose(
@@ -180,6 +262,25 @@ class Policy:
             mask[row, width - len(prompt) :] = 1
         return ids, mask
 
+    # ------------------------------------------------------------------------- LoRA merging
+    def _merge_lora(self) -> None:
+        """Fold the LoRA deltas into the base weights for sampling.
+
+        Decoding is bound by reading weights; unmerged, each of the 210 adapted layers also
+        runs two small matmuls and peft's Python dispatch per token. Merging costs one
+        B @ A per layer, once per training step. The base weights change by rounding only
+        (W + dW - dW), about 1e-7 relative per step.
+        """
+        if not self._lora_merged:
+            self.model.base_model.merge_adapter()
+            self._lora_merged = True
+
+    def _unmerge_lora(self) -> None:
+        """Training needs the adapters separate: the gradient is on A and B, not on W."""
+        if self._lora_merged:
+            self.model.base_model.unmerge_adapter()
+            self._lora_merged = False
+
     # ----------------------------------------------------------------------------- training
     def train_step(self, sequences: list[TrainSequence], learning_rate: float) -> dict[str, float]:
         """One GRPO update: maximise advantage-weighted log-likelihood of the sampled tokens.
@@ -193,6 +294,7 @@ class Policy:
             return self._train_locked(sequences, learning_rate)
 
     def _train_locked(self, sequences: list[TrainSequence], learning_rate: float) -> dict[str, float]:
+        self._unmerge_lora()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         total_tokens = sum(s.trained_tokens for s in sequences)
@@ -221,31 +323,41 @@ class Policy:
         }
 
     def micro_batches(self, sequences: list[TrainSequence]) -> list[list[TrainSequence]]:
-        """Split by a padded-token budget so activation memory stays bounded on any batch size.
+        """Split by a computed-token budget so activation memory stays bounded on any batch size.
 
-        Sequences are sorted by length first, so each micro-batch pads little.
+        Sequences that share a prompt prefix (a GRPO group; rollouts share the system
+        prompt) are kept together, so each micro-batch computes that prefix once
+        (`batch_cost`). The rest are sorted by length, so each micro-batch pads little.
         """
-        batches: list[list[TrainSequence]] = []
-        current: list[TrainSequence] = []
-        for seq in sorted(sequences, key=lambda s: s.length):
-            length = seq.length
-            if current and length * (len(current) + 1) > self.config.micro_batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(seq)
-        if current:
-            batches.append(current)
-        return batches
+        budget = self.config.micro_batch_tokens
+        runs = list(_prefix_runs(sorted(sequences, key=_tokens)))
+        loners = sorted((run[0] for run in runs if len(run) == 1), key=lambda s: s.length)
+        shared = [chunk for run in runs if len(run) > 1 for chunk in _chunks(run, budget)]
+        return shared + _chunks(loners, budget)
 
     def policy_loss(self, sequences: list[TrainSequence], normalizer: int) -> tuple[torch.Tensor, float]:
         """Sum of -advantage * log p(token) over completion tokens, divided by `normalizer`.
 
-        Log-probs are computed only at positions that predict completion tokens, so the
-        full-vocabulary logits exist for those rows and never for the prompt. Returns the
-        loss and the (detached) sum of the token log-probs.
+        The batch's shared prefix (untrained tokens only) runs once with batch size 1 and
+        its keys/values are repeated for every row, inside the autograd graph, so the
+        gradient is the same as with every row computed in full. Log-probs are computed
+        only at positions that predict trained tokens, so full-vocabulary logits never
+        exist for the prompt. Returns the loss and the (detached) sum of the token log-probs.
         """
-        ids, mask, targets, advantages = self._right_pad(sequences)
-        hidden = self.model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        self._unmerge_lora()
+        decoder = self.model.base_model.model.model
+        shared = trainable_shared_prefix(sequences)
+        cache = None
+        if shared:
+            cache = DynamicCache(config=decoder.config)
+            decoder(input_ids=torch.tensor([_tokens(sequences[0])[:shared]]), past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(len(sequences))
+        ids, mask, targets, advantages = self._right_pad(sequences, shared)
+        attention = torch.cat([torch.ones(len(sequences), shared, dtype=mask.dtype), mask], dim=-1) if shared else mask
+        positions = (shared + torch.arange(ids.shape[1])).unsqueeze(0) if shared else None
+        hidden = decoder(
+            input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=bool(shared)
+        ).last_hidden_state
         rows, cols = torch.nonzero(targets[:, 1:] >= 0, as_tuple=True)
         logits = self.model.base_model.model.lm_head(hidden[rows, cols]).float()
         token_ids = targets[rows, cols + 1]
@@ -253,18 +365,20 @@ class Policy:
         loss = -(advantages[rows] * token_logprobs).sum() / max(normalizer, 1)
         return loss, float(token_logprobs.detach().sum())
 
-    def _right_pad(self, sequences: list[TrainSequence]) -> tuple[torch.Tensor, ...]:
-        width = max(s.length for s in sequences)
+    def _right_pad(self, sequences: list[TrainSequence], offset: int = 0) -> tuple[torch.Tensor, ...]:
+        """Token ids from `offset` on, right-padded; targets hold the trained tokens, else -1."""
+        width = max(s.length for s in sequences) - offset
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         targets = torch.full((len(sequences), width), -1, dtype=torch.long)
         for row, seq in enumerate(sequences):
-            full = seq.prompt_ids + seq.completion_ids
+            full = _tokens(seq)[offset:]
             ids[row, : len(full)] = torch.tensor(full, dtype=torch.long)
             mask[row, : len(full)] = 1
-            targets[row, len(seq.prompt_ids) : len(full)] = torch.tensor(seq.completion_ids, dtype=torch.long)
-            for start, end in seq.prompt_spans:
-                targets[row, start:end] = ids[row, start:end]
+            start = len(seq.prompt_ids) - offset
+            targets[row, start : len(full)] = ids[row, start : len(full)]
+            for span_start, span_end in seq.prompt_spans:
+                targets[row, span_start - offset : span_end - offset] = ids[row, span_start - offset : span_end - offset]
         advantages = torch.tensor([s.advantage for s in sequences], dtype=torch.float32)
         return ids, mask, targets, advantages
 
@@ -280,6 +394,7 @@ class Policy:
     def load(self, directory: Path) -> None:
         """Restore LoRA weights and optimizer state saved by `save`."""
         with self._lock:
+            self._unmerge_lora()  # the merged deltas belong to the old adapter weights
             set_peft_model_state_dict(self.model, load_file(str(directory / ADAPTER_FILE)))
             optimizer_path = directory / OPTIMIZER_FILE
             if optimizer_path.is_file():

@@ -1,0 +1,174 @@
+"""Resumable loop state: where an interrupted run stopped, down to the stage.
+
+After every completed stage the loop writes `state.json` atomically (temporary file, fsync,
+rename), and the outputs a later stage needs (the scored groups, the training result) as a
+work file of the iteration, also atomically. A run started again with the same `--run-id`
+reads both and continues with the first stage that did not complete:
+
+    started -> generated -> scored -> trained -> evaluated -> (history record) committed
+
+The history (`iterations.jsonl`) stays the source of truth for committed iterations: a
+record there means the iteration is done whatever `state.json` says (a kill between the
+record and the state write). `trained` is the only stage with a side effect outside the run
+directory's files (the checkpoint, saved atomically by the backend before the state says
+`trained`), so a resumed run never trains an iteration twice: either the checkpoint of that
+step exists and the state says so, or the step is trained again from the previous one.
+
+Changing settings that shape training on resume is refused unless forced (`--force-resume`):
+`config_fingerprint` lists those settings and `changed_settings` names the differences.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import art
+from openai.types.chat.chat_completion import Choice
+from pydantic import BaseModel, Field
+
+from codreamer.config import Settings
+from codreamer.runs import write_json_atomic
+
+STATE_FILE = "state.json"
+WORK_DIR = "work"
+
+Stage = Literal["started", "generated", "scored", "trained", "evaluated"]
+STAGE_ORDER: tuple[Stage, ...] = ("started", "generated", "scored", "trained", "evaluated")
+
+#: Settings that may change between a run and its resume without changing what is trained.
+RESUME_FREE_SETTINGS = frozenset(
+    {
+        "run_id", "runs_dir", "iterations", "epochs", "max_steps", "force_resume", "rollout_concurrency",
+        "request_timeout_s", "train_retries", "model_cache_dir", "events_secret", "judge_api_key",
+        "judge_timeout_s", "judge_attempts", "wandb", "weave_project", "wandb_api_key", "wandb_project",
+        "wandb_entity", "wandb_mode", "inference_attempts", "retry_initial_s", "retry_max_s",
+        "rollout_timeout_s", "generate_timeout_s", "score_timeout_s", "train_timeout_s", "evaluate_timeout_s",
+        "keep_last", "keep_best", "policy_price_usd_per_mtok_in", "policy_price_usd_per_mtok_out",
+        "judge_price_usd_per_mtok_in", "judge_price_usd_per_mtok_out", "low_reward_threshold",
+    }
+)  # fmt: skip
+
+
+class RunState(BaseModel):
+    """What `state.json` holds: the last completed stage of the iteration in progress."""
+
+    run_id: str
+    iteration: int = Field(ge=0, description="0-based index of the iteration in progress.")
+    stage: Stage
+    step: int = Field(ge=0, description="The model step after the stage.")
+    seed: int
+    config_hash: str
+    events_offset: int | None = Field(default=None, description="Bytes of the event log read so far.")
+    updated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def reached(self, stage: Stage) -> bool:
+        return STAGE_ORDER.index(self.stage) >= STAGE_ORDER.index(stage)
+
+
+def config_fingerprint(settings: Settings) -> dict[str, Any]:
+    """The settings that shape what is trained (everything but `RESUME_FREE_SETTINGS`)."""
+    dumped = settings.model_dump(mode="json", exclude=set(RESUME_FREE_SETTINGS))
+    return {k: v for k, v in sorted(dumped.items()) if k in Settings.model_fields}
+
+
+def config_hash(settings: Settings) -> str:
+    payload = json.dumps(config_fingerprint(settings), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def changed_settings(recorded: dict[str, Any], settings: Settings) -> dict[str, tuple[Any, Any]]:
+    """`{name: (recorded, now)}` for fingerprint settings that differ from a run's `run.json`."""
+    now = config_fingerprint(settings)
+    return {name: (recorded.get(name), value) for name, value in now.items() if name in recorded and recorded[name] != value}
+
+
+def load_state(run_dir: Path) -> RunState | None:
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RunState.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # written atomically, so only a hand edit gets here
+        raise ValueError(f"{path}: unreadable run state ({exc}); delete it to restart from the history") from None
+
+
+def save_state(run_dir: Path, state: RunState) -> None:
+    write_json_atomic(run_dir / STATE_FILE, state.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------- work files
+
+
+def work_dir(run_dir: Path, iteration: int) -> Path:
+    return run_dir / WORK_DIR / f"iter_{iteration + 1:04d}"
+
+
+def clear_work(run_dir: Path, keep_iteration: int | None = None) -> None:
+    """Remove work files of finished iterations (all but `keep_iteration`)."""
+    root = run_dir / WORK_DIR
+    if not root.is_dir():
+        return
+    keep = work_dir(run_dir, keep_iteration).name if keep_iteration is not None else None
+    for folder in root.iterdir():
+        if folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _dump_trajectory(trajectory: art.Trajectory) -> dict[str, Any]:
+    """JSON of a trajectory that remembers which items are `Choice`s (pydantic would not)."""
+    items = trajectory.messages_and_choices
+    return {
+        "trajectory": trajectory.model_dump(mode="json", exclude={"messages_and_choices", "additional_histories"}),
+        "items": [item.model_dump(mode="json") if isinstance(item, Choice) else item for item in items],
+        "choices": [i for i, item in enumerate(items) if isinstance(item, Choice)],
+    }
+
+
+def _load_trajectory(data: dict[str, Any]) -> art.Trajectory:
+    choices = set(data["choices"])
+    items = [Choice.model_validate(item) if i in choices else item for i, item in enumerate(data["items"])]
+    return art.Trajectory(messages_and_choices=items, **data["trajectory"])
+
+
+def dump_groups(groups: list[art.TrajectoryGroup]) -> list[dict[str, Any]]:
+    return [
+        {
+            "metadata": group.metadata,
+            "metrics": group.metrics,
+            "logs": group.logs,
+            "exceptions": [e.model_dump(mode="json") for e in group.exceptions],
+            "trajectories": [_dump_trajectory(t) for t in group.trajectories],
+        }
+        for group in groups
+    ]
+
+
+def load_groups(data: list[dict[str, Any]]) -> list[art.TrajectoryGroup]:
+    from art.trajectories import PydanticException
+
+    return [
+        art.TrajectoryGroup(
+            [_load_trajectory(t) for t in group["trajectories"]],
+            exceptions=[PydanticException.model_validate(e) for e in group["exceptions"]],
+            metadata=group["metadata"],
+            metrics=group["metrics"],
+            logs=group["logs"],
+        )
+        for group in data
+    ]
+
+
+def save_work(run_dir: Path, iteration: int, name: str, payload: Any) -> None:
+    write_json_atomic(work_dir(run_dir, iteration) / f"{name}.json", payload)
+
+
+def load_work(run_dir: Path, iteration: int, name: str) -> Any | None:
+    path = work_dir(run_dir, iteration) / f"{name}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

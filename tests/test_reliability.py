@@ -1,0 +1,263 @@
+"""Retries, timeouts and resumable state, with fault injection (no model loaded).
+
+The inference server is the scripted loopback server (`loopback.py`): it fails, stalls and
+recovers on cue. Training is exercised through `grpo_update` with `FlakyBackend`, a TEST
+DOUBLE of the backend's `train` that raises scripted errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import art
+import httpx
+import openai
+import pytest
+from openai.types.chat.chat_completion import Choice
+
+from codreamer.analysis.collector import FailureCollector, load_failures
+from codreamer.config import RolloutConfig, Settings
+from codreamer.domain import Product, Prospect, Scenario
+from codreamer.pipeline.loop import ResumeConfigError, check_resume_settings, discard_uncommitted_checkpoints
+from codreamer.pipeline.stages import RolloutFailuresError, RolloutPlan, generate_trajectories, grpo_update
+from codreamer.pipeline.state import (
+    RunState,
+    changed_settings,
+    config_hash,
+    dump_groups,
+    load_groups,
+    load_state,
+    save_state,
+)
+from codreamer.retry import RetryCounter, RetryPolicy, TransientError, counting_retries, is_transient
+from codreamer.training.rollout import rollout
+from loopback import Call, Delay, HTTPError, LoopbackOpenAI
+
+FINAL = {"subject": "Leipzig and audits", "body": "Hi Ana, congrats on Leipzig. FreightPilot cuts audits. Sam"}
+FAST = dict(inference_attempts=3, retry_initial_s=0.0, retry_max_s=0.0)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def product() -> Product:
+    return Product(
+        name="FreightPilot",
+        one_liner="Automates carrier invoice audits for logistics teams.",
+        value_props=["cuts audit time by 80%"],
+        call_to_action="a 15-minute call next week",
+        sender_name="Sam Lee",
+        sender_title="Account Executive",
+    )
+
+
+@pytest.fixture
+def scenario() -> Scenario:
+    from codreamer.data import load_task_data
+
+    return load_task_data(Settings().data_dir).train[0]
+
+
+def make_model(server: LoopbackOpenAI) -> art.Model:
+    return art.Model(name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t")
+
+
+# --- classification -------------------------------------------------------------------------
+
+
+def _status_error(status: int, *, should_retry: str | None = None) -> openai.APIStatusError:
+    headers = {"x-should-retry": should_retry} if should_retry else {}
+    response = httpx.Response(status, headers=headers, request=httpx.Request("POST", "http://x"))
+    return openai.APIStatusError("boom", response=response, body=None)
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (TimeoutError(), True),
+        (ConnectionResetError(), True),
+        (TransientError("busy"), True),
+        (_status_error(429), True),
+        (_status_error(503), True),
+        (_status_error(503, should_retry="false"), False),
+        (_status_error(400), False),
+        (_status_error(401), False),
+        (ValueError("bad batch"), False),
+        (FileNotFoundError(2, "missing"), False),
+        (KeyError("x"), False),
+    ],
+)
+def test_only_transient_errors_are_retried(exc: BaseException, transient: bool) -> None:
+    assert is_transient(exc) is transient
+
+
+# --- inference retries ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_rollout_recovers_from_server_errors_and_counts_the_retries(scenario: Scenario, product: Product) -> None:
+    script = [HTTPError(500), HTTPError(503), [Call("finalize_email", FINAL)]]
+    counter = RetryCounter()
+    async with LoopbackOpenAI(script) as server:
+        with counting_retries(counter):
+            traj = await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, **FAST))
+        assert len(server.requests) == 3
+    assert traj.metadata["email_subject"] == FINAL["subject"]
+    assert counter.as_metrics() == {"retries/inference": 2.0}
+
+
+@pytest.mark.anyio
+async def test_permanent_error_fails_fast(scenario: Scenario, product: Product) -> None:
+    async with LoopbackOpenAI([HTTPError(400), [Call("finalize_email", FINAL)]]) as server:
+        with pytest.raises(openai.BadRequestError):
+            await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, **FAST))
+        assert len(server.requests) == 1
+
+
+@pytest.mark.anyio
+async def test_stalled_call_times_out_then_recovers(scenario: Scenario, product: Product) -> None:
+    script = [Delay(3.0, then="late"), [Call("finalize_email", FINAL)]]
+    config = RolloutConfig(max_turns=2, request_timeout_s=0.3, **FAST)
+    async with LoopbackOpenAI(script) as server:
+        traj = await rollout(make_model(server), scenario, product, config)
+        assert len(server.requests) == 2
+    assert not traj.metadata["auto_finalized"]
+
+
+@pytest.mark.anyio
+async def test_retries_give_up_after_the_configured_attempts(scenario: Scenario, product: Product) -> None:
+    async with LoopbackOpenAI([HTTPError(500)] * 5) as server:
+        with pytest.raises(openai.InternalServerError):
+            await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, **FAST))
+        assert len(server.requests) == 3
+
+
+# --- rollout timeouts and max_exceptions ------------------------------------------------------
+
+
+def _plan(product: Product, *, group_size: int, max_exceptions: float, rollout_timeout_s: float) -> RolloutPlan:
+    config = RolloutConfig(max_turns=1, request_timeout_s=30, **FAST)
+    return RolloutPlan(product, config, group_size, 4, max_exceptions, 0, rollout_timeout_s=rollout_timeout_s)
+
+
+@pytest.mark.anyio
+async def test_hung_rollout_is_cancelled_and_recorded(scenario: Scenario, product: Product, tmp_path: Path) -> None:
+    script = [Delay(30.0, then="never"), [Call("finalize_email", FINAL)], [Call("finalize_email", FINAL)]]
+    plan = _plan(product, group_size=3, max_exceptions=0.5, rollout_timeout_s=0.5)
+    async with LoopbackOpenAI(script) as server:
+        groups = await asyncio.wait_for(generate_trajectories(make_model(server), [scenario], plan, step=0), 10)
+    assert len(groups[0].trajectories) == 2 and len(groups[0].exceptions) == 1
+    assert "timed out after 0.5s" in groups[0].exceptions[0].message
+
+    collector = FailureCollector(tmp_path, "r")
+    collector.collect_groups(groups, iteration=1, step=0)
+    failures, _ = load_failures(tmp_path)
+    assert [str(f.category) for f in failures if f.source == "exception"] == ["timeout"]
+
+
+@pytest.mark.anyio
+async def test_too_many_failed_rollouts_give_up_the_stage(scenario: Scenario, product: Product) -> None:
+    plan = _plan(product, group_size=2, max_exceptions=0, rollout_timeout_s=30)
+    async with LoopbackOpenAI([HTTPError(400), [Call("finalize_email", FINAL)]]) as server:
+        with pytest.raises(RolloutFailuresError, match="1 of 2 rollouts failed") as info:
+            await generate_trajectories(make_model(server), [scenario], plan, step=0)
+    assert len(info.value.groups[0].trajectories) == 1 and "BadRequestError" in info.value.groups[0].exceptions[0].type
+    plan = _plan(product, group_size=2, max_exceptions=0.5, rollout_timeout_s=30)
+    async with LoopbackOpenAI([HTTPError(400), [Call("finalize_email", FINAL)]]) as server:
+        groups = await generate_trajectories(make_model(server), [scenario], plan, step=0)
+    assert len(groups[0].exceptions) == 1
+
+
+# --- training retries ---------------------------------------------------------------------------
+
+
+class FlakyBackend:
+    """TEST DOUBLE of a backend's `train`: raises the scripted errors, then succeeds."""
+
+    def __init__(self, errors: list[BaseException]) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def train(self, model: Any, groups: Any, *, learning_rate: float) -> art.TrainResult:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return art.TrainResult(step=1, metrics={"loss": 0.0})
+
+
+@pytest.mark.anyio
+async def test_training_step_retries_transient_errors() -> None:
+    backend = FlakyBackend([TransientError("worker restarting"), ConnectionResetError()])
+    counter = RetryCounter()
+    with counting_retries(counter):
+        result = await grpo_update(backend, None, [], learning_rate=1e-5, retry=RetryPolicy(attempts=3, initial_s=0, max_s=0))
+    assert result.step == 1 and backend.calls == 3
+    assert counter.as_metrics() == {"retries/training": 2.0}
+
+
+@pytest.mark.anyio
+async def test_training_step_permanent_error_is_not_retried() -> None:
+    backend = FlakyBackend([ValueError("advantages are NaN")])
+    with pytest.raises(ValueError, match="NaN"):
+        await grpo_update(backend, None, [], learning_rate=1e-5, retry=RetryPolicy(attempts=5, initial_s=0, max_s=0))
+    assert backend.calls == 1
+
+
+# --- state ----------------------------------------------------------------------------------------
+
+
+def test_groups_survive_the_work_file_with_their_choices() -> None:
+    choice = Choice.model_validate(
+        {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "hi"},
+            "logprobs": {"content": [{"token": "token_id:5", "logprob": -0.5, "bytes": None, "top_logprobs": []}]},
+        }
+    )
+    traj = art.Trajectory(messages_and_choices=[{"role": "user", "content": "x"}, choice], reward=0.5, metadata={"a": 1}, metrics={"m": 1.0})
+    group = art.TrajectoryGroup([traj], metadata={"scenario_id": "s"}, exceptions=[ValueError("boom")])
+    restored = load_groups(json.loads(json.dumps(dump_groups([group]))))[0]
+    item = restored.trajectories[0].messages_and_choices[1]
+    assert isinstance(item, Choice) and item.logprobs is not None and item.logprobs.content[0].logprob == -0.5
+    assert restored.trajectories[0].reward == 0.5 and restored.trajectories[0].metrics == {"m": 1.0}
+    assert restored.metadata == {"scenario_id": "s"} and restored.exceptions[0].message == "boom"
+
+
+def test_state_is_written_atomically_and_read_back(tmp_path: Path) -> None:
+    state = RunState(run_id="r", iteration=2, stage="trained", step=3, seed=1, config_hash="abc", events_offset=10)
+    save_state(tmp_path, state)
+    assert load_state(tmp_path) == state
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
+    assert state.reached("scored") and not state.reached("evaluated")
+
+
+def test_changed_training_settings_are_refused_unless_forced(tmp_path: Path) -> None:
+    started = Settings(runs_dir=tmp_path, group_size=4, learning_rate=5e-5)
+    (tmp_path / "run.json").write_text(json.dumps({"settings": started.model_dump(mode="json")}))
+    # more iterations, other concurrency and timeouts: same training
+    check_resume_settings(tmp_path, started.model_copy(update={"iterations": 9, "rollout_concurrency": 2}))
+    changed = started.model_copy(update={"group_size": 8})
+    assert changed_settings(started.model_dump(mode="json"), changed) == {"group_size": (4, 8)}
+    with pytest.raises(ResumeConfigError, match="group_size: 4 -> 8"):
+        check_resume_settings(tmp_path, changed)
+    check_resume_settings(tmp_path, changed.model_copy(update={"force_resume": True}))
+    assert config_hash(started) != config_hash(changed)
+
+
+def test_a_trained_but_uncommitted_checkpoint_is_kept(tmp_path: Path) -> None:
+    (tmp_path / "iterations.jsonl").write_text(json.dumps({"iteration": 1, "step": 1}) + "\n")
+    for step in (1, 2, 3):
+        (tmp_path / "checkpoints" / f"{step:04d}").mkdir(parents=True)
+    trained = RunState(run_id="r", iteration=1, stage="trained", step=2, seed=0, config_hash="h")
+    assert discard_uncommitted_checkpoints(tmp_path, trained) == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0001", "0002"]
+    scored = trained.model_copy(update={"stage": "scored", "step": 1})
+    discard_uncommitted_checkpoints(tmp_path, scored)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0001"]
