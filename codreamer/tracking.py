@@ -326,6 +326,9 @@ def _prepare_environment(mode: Mode) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     if mode != "online":
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # wandb's Sentry is a network call
+        # wandb.init starts Weave itself whenever weave is imported (it always is here), and
+        # Weave without a key asks for one on the terminal: offline, it must not start at all.
+        os.environ["WANDB_DISABLE_WEAVE"] = "true"
 
 
 # --------------------------------------------------------------------------- the session

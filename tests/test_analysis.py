@@ -630,6 +630,9 @@ def test_log_to_wandb_offline_logs_table_and_artifact(tmp_path: Path, monkeypatc
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    # wandb.init also inits Weave when weave is imported (it is, by codreamer), and Weave then
+    # asks for an API key on the terminal even in offline mode
+    monkeypatch.setenv("WANDB_DISABLE_WEAVE", "true")
     (tmp_path / "wandb-dir").mkdir()
     run_dir = tmp_path / "run"
     collector = FailureCollector(run_dir, "run-w")
@@ -641,6 +644,7 @@ def test_log_to_wandb_offline_logs_table_and_artifact(tmp_path: Path, monkeypatc
         assert collector.log_to_wandb(run) is True
     finally:
         run.finish()
+        wandb.teardown()  # offline, finish() can return before wandb-core has written the run file
     offline = [p for p in (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*") if p.is_dir()]
     assert len(offline) == 1
     tables = list((offline[0] / "files" / "media" / "table" / "failures").glob("table_*.table.json"))

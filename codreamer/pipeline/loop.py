@@ -256,7 +256,7 @@ async def open_run(settings: Settings, kind: LoopKind) -> AsyncIterator[Run]:
             model=model,
             plan=plan,
             scorer=scorer,
-            failures=FailureCollector(directory, run_id, settings.low_reward_threshold),
+            failures=FailureCollector(directory, run_id, settings.low_reward_threshold, product=task.product),
             retries=RetryCounter.from_metrics(last),
             usage=UsageLedger.from_totals(last, settings.llm_prices()),
             tracking=tracking,
@@ -279,6 +279,7 @@ async def open_run(settings: Settings, kind: LoopKind) -> AsyncIterator[Run]:
             if scorer.events is not None:
                 scorer.events.save_index()
             _write_run_file(directory, run_id, kind, settings, status)
+            _write_report(directory)
             tracking.log_failures(run.failures)
             tracking.finish(status)
             await backend.close()
@@ -395,7 +396,7 @@ async def _generate_and_score(run: Run, progress: _Progress, scenarios: list[Any
                 run, "generate", timings, generate_trajectories(run.model, scenarios, run.plan, step=step), iteration=iteration, step=step
             )
         except RolloutFailuresError as exc:
-            run.failures.collect_groups(exc.groups, iteration + 1, step)  # every failed rollout, not only the summary
+            run.failures.collect_groups(exc.groups, iteration + 1, step, scenarios=scenarios)  # every failed rollout
             raise
         progress.save("generated", step, groups=dump_groups(groups))
     scoring = await _stage(
@@ -453,7 +454,7 @@ async def _evaluate(run: Run, progress: _Progress | None, step: int, timings: di
         step=step,
     )
     store_evaluation(run.directory, summary)
-    run.failures.collect_groups(groups, iteration + 1, step, split="eval")
+    run.failures.collect_groups(groups, iteration + 1, step, split="eval", scenarios=run.task.heldout[: settings.eval_scenarios])
     if progress is not None:
         progress.save("evaluated", step)
     return groups, summary
@@ -492,7 +493,7 @@ async def run_iteration(run: Run, iteration: int, evaluate_after: bool) -> dict[
 
     groups, scoring = await _generate_and_score(run, progress, scenarios)
     train_stats = RewardStats.of([t for g in groups for t in g.trajectories])
-    new_failures = len(run.failures.collect_groups(groups, iteration + 1, step))
+    new_failures = len(run.failures.collect_groups(groups, iteration + 1, step, scenarios=scenarios))
     _collect_no_reply(run, groups, iteration + 1, step)
 
     result = await _train(run, progress, groups)
@@ -610,15 +611,19 @@ async def _iterate(run: Run, total: int, evaluate_every: int) -> list[dict[str, 
 
 
 async def _finish(run: Run) -> None:
+    logger.info("done: run {} at step {}; history in {}", run.run_id, await run.model.get_step(), run.history_path)
+
+
+def _write_report(directory: Path) -> None:
+    """report.md + reward_curve.png, after run.json has its final status."""
     from codreamer.reports import write_run_report
 
-    logger.info("done: run {} at step {}; history in {}", run.run_id, await run.model.get_step(), run.history_path)
+    if not (directory / ITERATIONS_FILE).is_file():
+        return
     try:
-        report, chart = write_run_report(run.directory)
+        write_run_report(directory)  # logs where it wrote
     except Exception as exc:  # a report must never turn a finished run into a failed one
         logger.warning("could not write the run report: {}: {}", type(exc).__name__, exc)
-        return
-    logger.info("report: {} (chart {})", report, chart)
 
 
 @weave.op
