@@ -1,6 +1,6 @@
 """One GRPO step on CPU: CoDreamer's embedded backend against TRL's `GRPOTrainer`.
 
-Usage: `uv run --group bench python scripts/bench_grpo.py [--group-sizes 4 8] [--repeats 2] [--steps 2]`
+Usage: `uv run --group bench python scripts/bench_grpo.py [--group-sizes 4 8] [--repeats 3] [--steps 1]`
 
 Both sides start from the same SmolLM2-135M-Instruct weights (the embedded backend's cached
 safetensors, loaded by the same function), fp32, LoRA r=16 / alpha=32 on the same seven
@@ -23,7 +23,10 @@ Each measured configuration runs in a child process of its own, so its peak RSS 
 child's `ru_maxrss`) belongs to one implementation. A child loads the model (not timed),
 runs one warm-up step (not timed), then `--steps` measured steps on different prompts.
 Children alternate ours/TRL and swap the order on every repeat; the report gives medians
-over all measured steps, the ratio ours/TRL, and the largest peak RSS of each side.
+over all measured steps, the ratio ours/TRL of the medians (the number the goal is checked
+on), the ratio within each back-to-back pair, and the largest peak RSS of each side. The
+defaults (3 repeats of 1 step) take ~9 minutes on 2 idle cores; more repeats, rather than
+more steps per child, are what keep one slow spell of a shared machine out of the median.
 Timings on a shared machine are noisy: the CPU time of each step is reported beside the
 wall time, and a quiet machine gives the numbers to quote.
 """
@@ -57,6 +60,7 @@ class ChildResult:
 
     impl: str
     group_size: int
+    repeat: int = 0
     step_s: list[float] = field(default_factory=list)
     step_cpu_s: list[float] = field(default_factory=list)
     completion_tokens: list[float] = field(default_factory=list)  # mean per completion, per step
@@ -234,7 +238,7 @@ def run_trl(args: argparse.Namespace) -> ChildResult:
 
 
 # ------------------------------------------------------------------------------ parent
-def run_child(impl: str, group_size: int, args: argparse.Namespace) -> ChildResult:
+def run_child(impl: str, group_size: int, repeat: int, args: argparse.Namespace) -> ChildResult:
     """Run one configuration in a fresh interpreter and read its JSON line."""
     command = [
         sys.executable,
@@ -263,15 +267,16 @@ def run_child(impl: str, group_size: int, args: argparse.Namespace) -> ChildResu
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{impl} G={group_size} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return ChildResult(**json.loads(lines[-1]))
+    return ChildResult(**{**json.loads(lines[-1]), "repeat": repeat})
 
 
-def schedule(group_sizes: Sequence[int], repeats: int) -> list[tuple[str, int]]:
-    """Alternate ours/TRL, swapping who goes first on every repeat (drift hits both alike)."""
+def schedule(group_sizes: Sequence[int], repeats: int) -> list[tuple[int, str, int]]:
+    """(repeat, impl, G): ours and TRL back to back for each G, swapping who goes first on
+    every repeat, so a slow spell of a shared machine tends to hit both of a pair."""
     plan = []
     for repeat in range(repeats):
         order = IMPLEMENTATIONS if repeat % 2 == 0 else IMPLEMENTATIONS[::-1]
-        plan += [(impl, g) for g in group_sizes for impl in order]
+        plan += [(repeat, impl, g) for g in group_sizes for impl in order]
     return plan
 
 
@@ -295,8 +300,21 @@ def summarise(results: list[ChildResult], group_sizes: Sequence[int]) -> list[di
             }
         row["ratio_wall"] = row["ours"]["step_s_median"] / row["trl"]["step_s_median"]
         row["ratio_cpu"] = row["ours"]["step_cpu_s_median"] / row["trl"]["step_cpu_s_median"]
+        row["pair_ratios"] = pair_ratios([r for r in results if r.group_size == g])
         rows.append(row)
     return rows
+
+
+def pair_ratios(results: list[ChildResult]) -> list[float]:
+    """ours/TRL within each repeat (the two runs were back to back), one ratio per repeat."""
+    by_repeat: dict[int, dict[str, ChildResult]] = {}
+    for result in results:
+        by_repeat.setdefault(result.repeat, {})[result.impl] = result
+    return [
+        round(median(pair["ours"].step_s) / median(pair["trl"].step_s), 3)
+        for _, pair in sorted(by_repeat.items())
+        if len(pair) == 2
+    ]
 
 
 def print_table(rows: list[dict[str, Any]], threads: int) -> None:
@@ -312,7 +330,10 @@ def print_table(rows: list[dict[str, Any]], threads: int) -> None:
             f"{ours['completion_tokens_mean']:.1f}/{trl['completion_tokens_mean']:.1f}"
         )
     for row in rows:
-        print(f"G={row['group_size']} step times (s): ours {row['ours']['step_s_all']}  TRL {row['trl']['step_s_all']}")
+        print(
+            f"G={row['group_size']} step times (s): ours {row['ours']['step_s_all']}  TRL {row['trl']['step_s_all']}; "
+            f"ours/TRL per back-to-back pair {row['pair_ratios']}"
+        )
 
 
 def check_goal(rows: list[dict[str, Any]]) -> bool:
@@ -331,8 +352,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--repeats", type=int, default=2, help="Child runs per implementation and group size.")
-    parser.add_argument("--steps", type=int, default=2, help="Measured steps per child (after one warm-up step).")
+    parser.add_argument("--repeats", type=int, default=3, help="Child runs per implementation and group size.")
+    parser.add_argument("--steps", type=int, default=1, help="Measured steps per child (after one warm-up step).")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -364,9 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         child_main(args)
         return 0
     results = []
-    for impl, group_size in schedule(args.group_sizes, args.repeats):
+    for repeat, impl, group_size in schedule(args.group_sizes, args.repeats):
         started = time.perf_counter()
-        result = run_child(impl, group_size, args)
+        result = run_child(impl, group_size, repeat, args)
         logger.info(
             "{} G={}: steps {} s, peak RSS {:.0f} MB ({:.0f} s in all)",
             impl, group_size, [round(t, 2) for t in result.step_s], result.peak_rss_mb, time.perf_counter() - started,

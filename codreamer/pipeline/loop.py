@@ -54,6 +54,7 @@ from codreamer.pipeline.stages import (
     score_trajectories,
 )
 from codreamer.pipeline.state import (
+    STAGE_ORDER,
     RunState,
     Stage,
     changed_settings,
@@ -378,8 +379,6 @@ class _Progress:
 
 
 def _reached(current: Stage, wanted: Stage) -> bool:
-    from codreamer.pipeline.state import STAGE_ORDER
-
     return STAGE_ORDER.index(current) >= STAGE_ORDER.index(wanted)
 
 

@@ -73,6 +73,19 @@ def _row_generators(seed: int | Sequence[int | None] | None, rows: int) -> list[
     return [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
 
 
+def inverse_cdf_sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of `probs` (rows of a distribution), each row from its own generator.
+
+    One uniform draw per row against the cumulative distribution (in float64, so the
+    49k-entry sum keeps its precision). `torch.multinomial` draws an exponential per
+    vocabulary entry instead, which costs several times more per decoding step.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    draws = torch.cat([torch.rand(1, generator=gen, dtype=torch.float64) for gen in generators])
+    chosen = torch.searchsorted(cdf, (draws * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return chosen.clamp(max=probs.shape[-1] - 1)
+
+
 def _tokens(seq: TrainSequence) -> list[int]:
     return seq.prompt_ids + seq.completion_ids
 
@@ -126,6 +139,39 @@ def _chunks(sequences: Sequence[TrainSequence], budget: int) -> list[list[TrainS
     return chunks
 
 
+@dataclass
+class _Decoding:
+    """The tokens each row has drawn so far, and which rows are still in the batch."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]
+    live: list[int]  # original row of each batch row still decoding
+
+    @classmethod
+    def start(cls, rows: int) -> _Decoding:
+        return cls([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, list(range(rows)))
+
+    def record(self, chosen: list[int], logprobs: list[float], stop_ids: set[int]) -> list[int]:
+        """Append one step's tokens; returns the batch indices of the rows that go on."""
+        keep = []
+        for index, (row, token, logprob) in enumerate(zip(self.live, chosen, logprobs, strict=True)):
+            if token in stop_ids:
+                self.finished[row] = True
+                continue
+            self.tokens[row].append(token)
+            self.logprobs[row].append(logprob)
+            keep.append(index)
+        self.live = [self.live[index] for index in keep]
+        return keep
+
+    def samples(self) -> list[Sample]:
+        return [
+            Sample(tokens, logprobs, "stop" if finished else "length")
+            for tokens, logprobs, finished in zip(self.tokens, self.logprobs, self.finished, strict=True)
+        ]
+
+
 class Policy:
     """LoRA policy with sampling and a GRPO step; every public method is thread-safe."""
 
@@ -176,17 +222,12 @@ class Policy:
         generators: list[torch.Generator | None],
     ) -> list[Sample]:
         self._merge_lora()
-        batch = len(prompts)
         cache = preallocated_cache(self._num_layers, max(len(p) for p in prompts) + max_new_tokens)
         shared = self._prefill_shared_prefix(prompts, cache)
-        input_ids, suffix_mask = self._left_pad([p[shared:] for p in prompts])
-        attention = torch.cat([torch.ones(batch, shared, dtype=suffix_mask.dtype), suffix_mask], dim=-1)
-        positions = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        logprobs: list[list[float]] = [[] for _ in range(batch)]
-        finished = [False] * batch
-        live = list(range(batch))  # original row of each row still in the batch
-        step_ids, step_pos = input_ids, positions
+        step_ids, suffix_mask = self._left_pad([p[shared:] for p in prompts])
+        attention = torch.cat([torch.ones(len(prompts), shared, dtype=suffix_mask.dtype), suffix_mask], dim=-1)
+        step_pos = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        rows = _Decoding.start(len(prompts))
         for step in range(max_new_tokens):
             out = self.model(
                 input_ids=step_ids,
@@ -197,28 +238,18 @@ class Policy:
                 logits_to_keep=1,  # the prefill needs the last position's logits only
             )
             logits = out.logits[:, -1, :].float()
-            chosen, chosen_logprobs = self._choose(logits, temperature, [generators[row] for row in live])
-            keep = []
-            for index, (row, token, logprob) in enumerate(zip(live, chosen.tolist(), chosen_logprobs.tolist(), strict=True)):
-                if token in self.stop_ids:
-                    finished[row] = True
-                    continue
-                tokens[row].append(token)
-                logprobs[row].append(logprob)
-                keep.append(index)
+            chosen, chosen_logprobs = self._choose(logits, temperature, [generators[row] for row in rows.live])
+            keep = rows.record(chosen.tolist(), chosen_logprobs.tolist(), self.stop_ids)
             if not keep or step + 1 == max_new_tokens:
                 break
-            if len(keep) < len(live):  # drop finished rows: later steps compute only live ones
+            if len(keep) < len(chosen):  # drop finished rows: later steps compute only live ones
                 selected = torch.tensor(keep)
                 cache.batch_select_indices(selected)
                 attention, chosen, step_pos = attention[selected], chosen[selected], step_pos[selected]
-                live = [live[index] for index in keep]
             step_ids = chosen.unsqueeze(-1)
             step_pos = step_pos[:, -1:] + 1
-            attention = torch.cat([attention, torch.ones(len(live), 1, dtype=attention.dtype)], dim=-1)
-        return [
-            Sample(tokens[row], logprobs[row], "stop" if finished[row] else "length") for row in range(batch)
-        ]
+            attention = torch.cat([attention, torch.ones(len(keep), 1, dtype=attention.dtype)], dim=-1)
+        return rows.samples()
 
     def _prefill_shared_prefix(self, prompts: list[list[int]], cache: Cache) -> int:
         """Run the prompts' common prefix once (batch 1) and copy its keys/values to every row.
@@ -247,10 +278,7 @@ class Policy:
             chosen = log_probs.argmax(dim=-1)
         else:
             log_probs = torch.log_softmax(logits / temperature, dim=-1)
-            probs = log_probs.exp()
-            chosen = torch.cat(
-                [torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(generators)]
-            )
+            chosen = inverse_cdf_sample(log_probs.exp(), generators)
         return chosen, log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

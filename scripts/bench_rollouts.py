@@ -1,0 +1,258 @@
+"""Rollout concurrency and the orchestrator's own cost per trajectory.
+
+Usage: `uv run python scripts/bench_rollouts.py [--latency-ms 50] [--rollouts 64] [--concurrency N ...]`
+
+A small OpenAI-compatible chat server runs in a separate process (so its CPU time is not
+counted as ours) and answers every request after `--latency-ms`: the first turn of an
+episode asks for `lookup_company`, the next one calls `finalize_email` with an email that
+is different for every request, so every trajectory is distinct. Rollouts go through the
+real path: `generate_trajectories` (semaphore-bounded, `art.gather_trajectory_groups`) ->
+`rollout` (the OpenAI client, tool execution, trajectory building), inside the local trace
+recorder as in a run. Reported:
+
+* wall time of 1 rollout and of `--rollouts` rollouts at each concurrency limit (the
+  default list is Settings' `rollout_concurrency` and `--rollouts`), and the ratio;
+* the orchestrator's CPU time per trajectory, in microseconds: the rollout's client side
+  (measured with the server answering at once), scoring with the real `RewardScorer`
+  (rubric + seeded simulator + event log append/refresh/read + blend), the history
+  record and the trajectories' local trace lines.
+
+Everything runs in a temporary directory; timings are medians over `--repeats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+WORDS = "freight audit invoices carriers savings team week call quick note".split()
+
+
+# ------------------------------------------------------------------- the chat server
+def _tool_call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def _reply(body: dict[str, Any], served: int) -> dict[str, Any]:
+    """lookup_company first; once a tool result is in the conversation, finalize_email."""
+    messages = body.get("messages", [])
+    if any(m.get("role") == "tool" for m in messages):
+        words = " ".join(WORDS[(served + i) % len(WORDS)] for i in range(12))
+        call = _tool_call(
+            "finalize_email",
+            {"subject": f"Invoice audits, note {served}", "body": f"Hi there, {words}. A 15-minute call next week? Sam"},
+        )
+    else:
+        call = _tool_call("lookup_company", {})
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "bench"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+    }
+
+
+def _serve(port: int, ready: Any, latency: Any) -> None:
+    """Server process: aiohttp app; `latency` is a shared double, changed between phases."""
+    from aiohttp import web
+
+    served = 0
+
+    async def chat(request: web.Request) -> web.Response:
+        nonlocal served
+        body = await request.json()
+        served += 1
+        if latency.value > 0:
+            await asyncio.sleep(latency.value)
+        return web.json_response(_reply(body, served))
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------------------------- measuring
+async def timed(action: Callable[[], Awaitable[Any]]) -> tuple[float, float, Any]:
+    """(wall s, this process's CPU s, result) of one awaited call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = await action()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+class CallTimer:
+    """Counts calls of one function and their CPU time (to attribute the rollout's own cost)."""
+
+    def __init__(self, module: Any, name: str) -> None:
+        self.module, self.name = module, name
+        self.original = getattr(module, name)
+        self.calls, self.cpu_s = 0, 0.0
+
+    def __enter__(self) -> CallTimer:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            started = time.process_time()
+            try:
+                return self.original(*args, **kwargs)
+            finally:
+                self.calls += 1
+                self.cpu_s += time.process_time() - started
+
+        setattr(self.module, self.name, timed_call)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(self.module, self.name, self.original)
+
+
+async def run(args: argparse.Namespace) -> None:
+    import art
+
+    import codreamer.training.rollout as rollout_module
+    from codreamer.config import Settings
+    from codreamer.data import load_task_data
+    from codreamer.local_trace import recording_to
+    from codreamer.pipeline.history import append_record
+    from codreamer.pipeline.loop import build_scorer
+    from codreamer.pipeline.stages import RolloutPlan, generate_trajectories, score_trajectories
+
+    work = Path(tempfile.mkdtemp(prefix="bench-rollouts-"))
+    settings = Settings(runs_dir=work, wandb=False, outcomes="simulator")
+    task = load_task_data(settings.data_dir)
+    group_size = settings.group_size
+    scenarios = [task.train[i % len(task.train)] for i in range(max(1, args.rollouts // group_size))]
+    rollouts = len(scenarios) * group_size
+    concurrencies = args.concurrency or sorted({settings.rollout_concurrency, rollouts})
+
+    latency = mp.get_context("spawn").Value("d", args.latency_ms / 1000)
+    ready = mp.get_context("spawn").Event()
+    port = _free_port()
+    server = mp.get_context("spawn").Process(target=_serve, args=(port, ready, latency), daemon=True)
+    server.start()
+    if not ready.wait(30):
+        raise RuntimeError("the bench chat server did not start")
+    model = art.Model(
+        name="bench", project="bench", inference_base_url=f"http://127.0.0.1:{port}/v1", inference_api_key="x",
+        inference_model_name="bench",
+    )
+
+    def plan(size: int, concurrency: int) -> RolloutPlan:
+        return RolloutPlan(task.product, settings.rollout_config(), size, concurrency, settings.max_exceptions, settings.seed)
+
+    step = 0
+
+    async def generate(which: list[Any], size: int, concurrency: int) -> list[art.TrajectoryGroup]:
+        nonlocal step
+        step += 1
+        return await generate_trajectories(model, which, plan(size, concurrency), step=step, pbar_desc=None)
+
+    try:
+        with recording_to(work):
+            await generate(scenarios[:1], 1, 1)  # warm-up: client, connection, imports
+            single = [(await timed(lambda: generate(scenarios[:1], 1, 1)))[0] for _ in range(args.repeats)]
+            many: dict[int, list[float]] = {}
+            for concurrency in concurrencies:
+                many[concurrency] = [
+                    (await timed(lambda c=concurrency: generate(scenarios, group_size, c)))[0] for _ in range(args.repeats)
+                ]
+
+            latency.value = 0.0  # the orchestrator's own cost: the server answers at once
+            client_cpu, messages_cpu, scoring_cpu, history_cpu = [], [], [], []
+            scorer = build_scorer(settings, task, online=True)
+            for repeat in range(args.repeats):
+                with CallTimer(rollout_module, "get_messages") as messages_timer:
+                    _, cpu, groups = await timed(lambda: generate(scenarios, group_size, max(concurrencies)))
+                client_cpu.append(cpu / rollouts)
+                messages_cpu.append(messages_timer.cpu_s / rollouts)
+                _, cpu, _ = await timed(
+                    lambda g=groups: score_trajectories(g, scenarios, scorer, step=step, emails_sent=True)
+                )
+                scoring_cpu.append(cpu / rollouts)
+                record = {"iteration": repeat + 1, "step": step, "rewards": [t.reward for g in groups for t in g.trajectories]}
+                started = time.process_time()
+                append_record(work / "iterations.jsonl", record)
+                history_cpu.append(time.process_time() - started)
+                failed = sum(len(g.exceptions) for g in groups)
+                if failed:
+                    raise RuntimeError(f"{failed} rollouts failed; see the log")
+    finally:
+        server.kill()
+
+    turns = 2
+    print(f"\nRollouts against a loopback chat server, {args.latency_ms:.0f} ms per call, {turns} calls per rollout")
+    print(f"  1 rollout: {median(single) * 1e3:.0f} ms (ideal {turns * args.latency_ms:.0f} ms)")
+    for concurrency, times in many.items():
+        waves = -(-rollouts // concurrency)
+        print(
+            f"  {rollouts} rollouts, concurrency {concurrency}: {median(times) * 1e3:.0f} ms = "
+            f"{median(times) / median(single):.2f} x one rollout (ideal {waves * turns * args.latency_ms:.0f} ms)"
+        )
+    print(f"Orchestrator CPU per trajectory ({rollouts} trajectories, medians of {args.repeats}):")
+    print(f"  rollout, client side (prompt, OpenAI client, tools, trajectory, trace): {median(client_cpu) * 1e6:.0f} us")
+    print(f"    of which art.trajectories.get_messages (request messages per turn):   {median(messages_cpu) * 1e6:.0f} us")
+    print(f"  scoring (rubric + simulator + event log + blend):                      {median(scoring_cpu) * 1e6:.0f} us")
+    print(
+        f"  history record (one per iteration): {median(history_cpu) * 1e6:.0f} us "
+        f"= {median(history_cpu) / rollouts * 1e6:.1f} us per trajectory"
+    )
+    logger.info("bench files in {}", work)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--rollouts", type=int, default=64, help="Rollouts of the concurrent run (rounded to whole groups).")
+    parser.add_argument("--concurrency", type=int, nargs="*", help="Limits to try (default: Settings' and --rollouts).")
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from codreamer.log import configure_logging
+
+    configure_logging(level="WARNING")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # ART's gather always draws a progress bar
+    asyncio.run(run(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
