@@ -198,7 +198,7 @@ async def run(args: argparse.Namespace) -> None:
             client_cpu, messages_cpu, scoring_cpu, history_cpu = [], [], [], []
             scorer = build_scorer(settings, task, online=True)
             for repeat in range(args.repeats):
-                with CallTimer(rollout_module, "get_messages") as messages_timer:
+                with CallTimer(rollout_module, "request_messages") as messages_timer:
                     _, cpu, groups = await timed(lambda: generate(scenarios, group_size, max(concurrencies)))
                 client_cpu.append(cpu / rollouts)
                 messages_cpu.append(messages_timer.cpu_s / rollouts)
@@ -227,7 +227,7 @@ async def run(args: argparse.Namespace) -> None:
         )
     print(f"Orchestrator CPU per trajectory ({rollouts} trajectories, medians of {args.repeats}):")
     print(f"  rollout, client side (prompt, OpenAI client, tools, trajectory, trace): {median(client_cpu) * 1e6:.0f} us")
-    print(f"    of which art.trajectories.get_messages (request messages per turn):   {median(messages_cpu) * 1e6:.0f} us")
+    print(f"    of which request_messages (request messages per turn):              {median(messages_cpu) * 1e6:.0f} us")
     print(f"  scoring (rubric + simulator + event log + blend):                      {median(scoring_cpu) * 1e6:.0f} us")
     print(
         f"  history record (one per iteration): {median(history_cpu) * 1e6:.0f} us "

@@ -317,3 +317,31 @@ def test_trajectory_id_function() -> None:
     assert trajectory_id(with_call) == trajectory_id(same_call_other_id)
     assert trajectory_id(with_call) != trajectory_id(a)
     assert len(trajectory_id([])) == 16
+
+
+def test_request_messages_match_art_get_messages() -> None:
+    from art.trajectories import get_messages
+
+    from codreamer.training.rollout import request_messages
+
+    choice = Choice.model_validate(
+        {
+            "index": 0,
+            "finish_reason": "tool_calls",
+            "message": {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup_company", "arguments": "{}"}}],
+            },
+        }
+    )
+    text = Choice.model_validate({"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}})
+    items = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        choice,
+        {"role": "tool", "tool_call_id": "c1", "content": "{}"},
+        text,
+        {"role": "user", "content": None},
+    ]
+    assert request_messages(items) == [dict(m) for m in get_messages(items)]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import art
 from openai.types.chat.chat_completion import Choice
 
 from codreamer.backends.embedded.policy import TrainSequence
+
+if TYPE_CHECKING:  # annotations only: importing ART costs seconds a bare GRPO step never needs
+    import art
 
 ADVANTAGE_EPS = 1e-6
 
