@@ -79,6 +79,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return _run(lambda: run_training(settings), settings)
 
 
+def _find_run(settings: Settings, run_id: str) -> Path | None:
+    """The run's directory, or None after printing "no run ... (recent runs: ...)" to stderr."""
+    from codreamer.runs import find_run
+
+    try:
+        return find_run(settings, run_id)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def _cmd_runs(settings: Settings, _args: argparse.Namespace) -> int:
     from codreamer.reports import run_summary
     from codreamer.runs import list_runs
@@ -105,12 +116,8 @@ def _cmd_runs(settings: Settings, _args: argparse.Namespace) -> int:
 
 def _cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     from codreamer.reports import write_run_report
-    from codreamer.runs import find_run
-
-    try:
-        path = find_run(settings, args.run_id)
-    except FileNotFoundError as exc:
-        print(exc, file=sys.stderr)
+    path = _find_run(settings, args.run_id)
+    if path is None:
         return 2
     report, chart = write_run_report(path)
     print(f"report: {report}")
@@ -120,12 +127,10 @@ def _cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     from codreamer.pipeline.history import read_history
-    from codreamer.runs import ITERATIONS_FILE, RUN_FILE, find_run
+    from codreamer.runs import ITERATIONS_FILE, RUN_FILE
 
-    try:
-        path = find_run(settings, args.run_id)
-    except FileNotFoundError as exc:
-        print(exc, file=sys.stderr)
+    path = _find_run(settings, args.run_id)
+    if path is None:
         return 2
     meta = json.loads((path / RUN_FILE).read_text())
     records, skipped = read_history(path / ITERATIONS_FILE)
@@ -143,12 +148,8 @@ def _cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
     from codreamer.local_trace import format_tree, read_trace
-    from codreamer.runs import find_run
-
-    try:
-        path = find_run(settings, args.run_id)
-    except FileNotFoundError as exc:
-        print(exc, file=sys.stderr)
+    path = _find_run(settings, args.run_id)
+    if path is None:
         return 2
     spans = read_trace(path)
     if not spans:

@@ -54,7 +54,6 @@ from codreamer.pipeline.stages import (
     score_trajectories,
 )
 from codreamer.pipeline.state import (
-    STAGE_ORDER,
     RunState,
     Stage,
     changed_settings,
@@ -66,6 +65,7 @@ from codreamer.pipeline.state import (
     load_work,
     save_state,
     save_work,
+    stage_reached,
 )
 from codreamer.retry import RetryCounter, counting_retries
 from codreamer.rewards.scoring import RewardScorer, ScoringSummary
@@ -354,7 +354,7 @@ class _Progress:
         self.resumed_stage: Stage | None = resume.stage if resume is not None else None
 
     def done(self, stage: Stage) -> bool:
-        return self.resumed_stage is not None and _reached(self.resumed_stage, stage)
+        return self.resumed_stage is not None and stage_reached(self.resumed_stage, stage)
 
     def load(self, name: str) -> Any | None:
         return load_work(self.run.directory, self.iteration, name)
@@ -376,10 +376,6 @@ class _Progress:
                 events_offset=events.offset if events is not None else None,
             ),
         )
-
-
-def _reached(current: Stage, wanted: Stage) -> bool:
-    return STAGE_ORDER.index(current) >= STAGE_ORDER.index(wanted)
 
 
 async def _generate_and_score(run: Run, progress: _Progress, scenarios: list[Any]) -> tuple[list[art.TrajectoryGroup], ScoringSummary]:

@@ -46,7 +46,7 @@ RESUME_FREE_SETTINGS = frozenset(
         "run_id", "runs_dir", "iterations", "epochs", "max_steps", "force_resume", "rollout_concurrency",
         "request_timeout_s", "train_retries", "model_cache_dir", "events_secret", "judge_api_key",
         "judge_timeout_s", "judge_attempts", "wandb", "weave_project", "wandb_api_key", "wandb_project",
-        "wandb_entity", "wandb_mode", "inference_attempts", "retry_initial_s", "retry_max_s",
+        "wandb_entity", "wandb_mode", "tracking_timeout_s", "inference_attempts", "retry_initial_s", "retry_max_s",
         "rollout_timeout_s", "generate_timeout_s", "score_timeout_s", "train_timeout_s", "evaluate_timeout_s",
         "keep_last", "keep_best", "policy_price_usd_per_mtok_in", "policy_price_usd_per_mtok_out",
         "judge_price_usd_per_mtok_in", "judge_price_usd_per_mtok_out", "low_reward_threshold",
@@ -67,7 +67,12 @@ class RunState(BaseModel):
     updated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def reached(self, stage: Stage) -> bool:
-        return STAGE_ORDER.index(self.stage) >= STAGE_ORDER.index(stage)
+        return stage_reached(self.stage, stage)
+
+
+def stage_reached(current: Stage, wanted: Stage) -> bool:
+    """Whether a run whose last completed stage is `current` has completed `wanted`."""
+    return STAGE_ORDER.index(current) >= STAGE_ORDER.index(wanted)
 
 
 def config_fingerprint(settings: Settings) -> dict[str, Any]:
