@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from codreamer.usage import LLMPrices
 
 BackendKind = Literal["embedded", "local", "serverless"]
+#: How rollouts call the policy: "direct" (aiohttp, no SDK) or "openai" (ART's OpenAI client);
+#: see `codreamer.training.policy_client`.
+InferenceClientKind = Literal["direct", "openai"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DATA_DIR = PACKAGE_DIR.parent / "data"
@@ -40,6 +43,7 @@ class RolloutConfig(BaseModel):
     inference_attempts: int = Field(default=3, ge=1)
     retry_initial_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=30.0, ge=0)
+    inference_client: InferenceClientKind = "openai"
 
 
 class GRPOConfig(BaseModel):
@@ -112,6 +116,13 @@ class Settings(BaseSettings):
     temperature: float = Field(default=1.0, ge=0, description="Sampling temperature of the policy.")
     rollout_concurrency: int = Field(default=8, ge=1, description="Rollouts in flight at once.")
     request_timeout_s: float = Field(default=300.0, gt=0, description="Timeout of one model call, seconds.")
+    inference_client: Literal["auto", "direct", "openai"] = Field(
+        default="auto",
+        description=(
+            "How rollouts call the policy: direct (aiohttp, lowest overhead), openai (ART's OpenAI client, "
+            "needed by ART-managed backends) or auto (direct on the embedded backend, else openai)."
+        ),
+    )
 
     # --- training ------------------------------------------------------------------------
     backend: BackendKind = Field(
@@ -298,7 +309,15 @@ class Settings(BaseSettings):
             inference_attempts=self.inference_attempts,
             retry_initial_s=self.retry_initial_s,
             retry_max_s=self.retry_max_s,
+            inference_client=self.resolved_inference_client(),
         )
+
+    def resolved_inference_client(self) -> InferenceClientKind:
+        """`inference_client` with "auto" decided: ART's LocalBackend/ServerlessBackend attach
+        per-choice metadata through ART's own client, the embedded backend needs none."""
+        if self.inference_client != "auto":
+            return self.inference_client
+        return "direct" if self.backend == "embedded" else "openai"
 
     def grpo_config(self) -> GRPOConfig:
         return GRPOConfig(learning_rate=self.learning_rate, lora_rank=self.lora_rank, lora_alpha=2 * self.lora_rank, seed=self.seed)

@@ -10,10 +10,13 @@ real path: `generate_trajectories` (semaphore-bounded, `art.gather_trajectory_gr
 `rollout` (the OpenAI client, tool execution, trajectory building), inside the local trace
 recorder as in a run. Reported:
 
-* wall time of 1 rollout and of `--rollouts` rollouts at each concurrency limit (the
-  default list is Settings' `rollout_concurrency` and `--rollouts`), and the ratio;
+* for each policy client (`codreamer.training.policy_client`: "openai" = ART's OpenAI
+  client, "direct" = aiohttp without the SDK, the embedded default), alternating: wall time
+  of 1 rollout and of `--rollouts` rollouts at each concurrency limit (the default list is
+  Settings' `rollout_concurrency` and `--rollouts`), the ratio to one rollout, and the
+  ratio direct / openai;
 * the orchestrator's CPU time per trajectory, in microseconds: the rollout's client side
-  (measured with the server answering at once), scoring with the real `RewardScorer`
+  for each client (measured with the server answering at once), scoring with the real `RewardScorer`
   (rubric + seeded simulator + event log append/refresh/read + blend), the history
   record and the trajectories' local trace lines.
 
@@ -147,7 +150,7 @@ async def run(args: argparse.Namespace) -> None:
     import art
 
     import codreamer.training.rollout as rollout_module
-    from codreamer.config import Settings
+    from codreamer.config import InferenceClientKind, Settings
     from codreamer.data import load_task_data
     from codreamer.local_trace import recording_to
     from codreamer.pipeline.history import append_record
@@ -161,6 +164,7 @@ async def run(args: argparse.Namespace) -> None:
     scenarios = [task.train[i % len(task.train)] for i in range(max(1, args.rollouts // group_size))]
     rollouts = len(scenarios) * group_size
     concurrencies = args.concurrency or sorted({settings.rollout_concurrency, rollouts})
+    kinds: tuple[InferenceClientKind, ...] = ("openai", "direct")
 
     latency = mp.get_context("spawn").Value("d", args.latency_ms / 1000)
     ready = mp.get_context("spawn").Event()
@@ -174,33 +178,43 @@ async def run(args: argparse.Namespace) -> None:
         inference_model_name="bench",
     )
 
-    def plan(size: int, concurrency: int) -> RolloutPlan:
-        return RolloutPlan(task.product, settings.rollout_config(), size, concurrency, settings.max_exceptions, settings.seed)
+    def plan(kind: InferenceClientKind, size: int, concurrency: int) -> RolloutPlan:
+        config = settings.rollout_config().model_copy(update={"inference_client": kind})
+        return RolloutPlan(task.product, config, size, concurrency, settings.max_exceptions, settings.seed)
 
     step = 0
 
-    async def generate(which: list[Any], size: int, concurrency: int) -> list[art.TrajectoryGroup]:
+    async def generate(kind: InferenceClientKind, which: list[Any], size: int, concurrency: int) -> list[art.TrajectoryGroup]:
         nonlocal step
         step += 1
-        return await generate_trajectories(model, which, plan(size, concurrency), step=step, pbar_desc=None)
+        groups = await generate_trajectories(model, which, plan(kind, size, concurrency), step=step, pbar_desc=None)
+        failed = sum(len(g.exceptions) for g in groups)
+        if failed:
+            raise RuntimeError(f"{failed} rollouts failed with the {kind} client; see the log")
+        return groups
 
+    single: dict[str, list[float]] = {kind: [] for kind in kinds}
+    many: dict[tuple[str, int], list[float]] = {(kind, c): [] for kind in kinds for c in concurrencies}
+    client_cpu: dict[str, list[float]] = {kind: [] for kind in kinds}
+    messages_cpu, scoring_cpu, history_cpu = [], [], []
     try:
         with recording_to(work):
-            await generate(scenarios[:1], 1, 1)  # warm-up: client, connection, imports
-            single = [(await timed(lambda: generate(scenarios[:1], 1, 1)))[0] for _ in range(args.repeats)]
-            many: dict[int, list[float]] = {}
-            for concurrency in concurrencies:
-                many[concurrency] = [
-                    (await timed(lambda c=concurrency: generate(scenarios, group_size, c)))[0] for _ in range(args.repeats)
-                ]
+            for kind in kinds:  # warm-up: client, connections, imports
+                await generate(kind, scenarios, group_size, max(concurrencies))
+            for _ in range(args.repeats):  # the two clients alternate, so a slow spell hits both
+                for kind in kinds:
+                    single[kind].append((await timed(lambda k=kind: generate(k, scenarios[:1], 1, 1)))[0])
+                    for concurrency in concurrencies:
+                        wall, _, _ = await timed(lambda k=kind, c=concurrency: generate(k, scenarios, group_size, c))
+                        many[kind, concurrency].append(wall)
 
             latency.value = 0.0  # the orchestrator's own cost: the server answers at once
-            client_cpu, messages_cpu, scoring_cpu, history_cpu = [], [], [], []
             scorer = build_scorer(settings, task, online=True)
             for repeat in range(args.repeats):
-                with CallTimer(rollout_module, "request_messages") as messages_timer:
-                    _, cpu, groups = await timed(lambda: generate(scenarios, group_size, max(concurrencies)))
-                client_cpu.append(cpu / rollouts)
+                for kind in kinds:
+                    with CallTimer(rollout_module, "request_messages") as messages_timer:
+                        _, cpu, groups = await timed(lambda k=kind: generate(k, scenarios, group_size, max(concurrencies)))
+                    client_cpu[kind].append(cpu / rollouts)
                 messages_cpu.append(messages_timer.cpu_s / rollouts)
                 _, cpu, _ = await timed(
                     lambda g=groups: score_trajectories(g, scenarios, scorer, step=step, emails_sent=True)
@@ -210,25 +224,30 @@ async def run(args: argparse.Namespace) -> None:
                 started = time.process_time()
                 append_record(work / "iterations.jsonl", record)
                 history_cpu.append(time.process_time() - started)
-                failed = sum(len(g.exceptions) for g in groups)
-                if failed:
-                    raise RuntimeError(f"{failed} rollouts failed; see the log")
     finally:
         server.kill()
 
     turns = 2
     print(f"\nRollouts against a loopback chat server, {args.latency_ms:.0f} ms per call, {turns} calls per rollout")
-    print(f"  1 rollout: {median(single) * 1e3:.0f} ms (ideal {turns * args.latency_ms:.0f} ms)")
-    for concurrency, times in many.items():
-        waves = -(-rollouts // concurrency)
-        print(
-            f"  {rollouts} rollouts, concurrency {concurrency}: {median(times) * 1e3:.0f} ms = "
-            f"{median(times) / median(single):.2f} x one rollout (ideal {waves * turns * args.latency_ms:.0f} ms)"
-        )
-    print(f"Orchestrator CPU per trajectory ({rollouts} trajectories, medians of {args.repeats}):")
-    print(f"  rollout, client side (prompt, OpenAI client, tools, trajectory, trace): {median(client_cpu) * 1e6:.0f} us")
-    print(f"    of which request_messages (request messages per turn):              {median(messages_cpu) * 1e6:.0f} us")
-    print(f"  scoring (rubric + simulator + event log + blend):                      {median(scoring_cpu) * 1e6:.0f} us")
+    print(f"(medians of {args.repeats}; the two clients alternate; ideal = waves x calls x latency)")
+    for kind in kinds:
+        one = median(single[kind])
+        print(f"  {kind} client: 1 rollout {one * 1e3:.0f} ms (ideal {turns * args.latency_ms:.0f} ms)")
+        for concurrency in concurrencies:
+            waves = -(-rollouts // concurrency)
+            wall = median(many[kind, concurrency])
+            print(
+                f"    {rollouts} rollouts, concurrency {concurrency}: {wall * 1e3:.0f} ms = {wall / one:.2f} x one rollout "
+                f"(ideal {waves * turns * args.latency_ms:.0f} ms)"
+            )
+    for concurrency in concurrencies:
+        ratio = median(many["direct", concurrency]) / median(many["openai", concurrency])
+        print(f"  direct / openai at concurrency {concurrency}: {ratio:.2f}")
+    print(f"Orchestrator CPU per trajectory ({rollouts} trajectories, server answering at once):")
+    for kind in kinds:
+        print(f"  rollout, {kind} client (prompt, HTTP client, tools, trajectory, trace): {median(client_cpu[kind]) * 1e6:.0f} us")
+    print(f"    of which request_messages (request messages per turn):                {median(messages_cpu) * 1e6:.0f} us")
+    print(f"  scoring (rubric + simulator + event log + blend):                        {median(scoring_cpu) * 1e6:.0f} us")
     print(
         f"  history record (one per iteration): {median(history_cpu) * 1e6:.0f} us "
         f"= {median(history_cpu) / rollouts * 1e6:.1f} us per trajectory"

@@ -40,6 +40,12 @@ FINAL = {"subject": "Leipzig and audits", "body": "Hi Ana, congrats on Leipzig. 
 FAST = dict(inference_attempts=3, retry_initial_s=0.0, retry_max_s=0.0)
 
 
+@pytest.fixture(params=["openai", "direct"])
+def client(request: pytest.FixtureRequest) -> str:
+    """Every inference-retry test runs on both policy clients (`codreamer.training.policy_client`)."""
+    return request.param
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -101,29 +107,29 @@ def test_only_transient_errors_are_retried(exc: BaseException, transient: bool) 
 
 
 @pytest.mark.anyio
-async def test_rollout_recovers_from_server_errors_and_counts_the_retries(scenario: Scenario, product: Product) -> None:
+async def test_rollout_recovers_from_server_errors_and_counts_the_retries(scenario: Scenario, product: Product, client: str) -> None:
     script = [HTTPError(500), HTTPError(503), [Call("finalize_email", FINAL)]]
     counter = RetryCounter()
     async with LoopbackOpenAI(script) as server:
         with counting_retries(counter):
-            traj = await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, **FAST))
+            traj = await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, inference_client=client, **FAST))
         assert len(server.requests) == 3
     assert traj.metadata["email_subject"] == FINAL["subject"]
     assert counter.as_metrics() == {"retries/inference": 2.0}
 
 
 @pytest.mark.anyio
-async def test_permanent_error_fails_fast(scenario: Scenario, product: Product) -> None:
+async def test_permanent_error_fails_fast(scenario: Scenario, product: Product, client: str) -> None:
     async with LoopbackOpenAI([HTTPError(400), [Call("finalize_email", FINAL)]]) as server:
         with pytest.raises(openai.BadRequestError):
-            await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, **FAST))
+            await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, inference_client=client, **FAST))
         assert len(server.requests) == 1
 
 
 @pytest.mark.anyio
-async def test_stalled_call_times_out_then_recovers(scenario: Scenario, product: Product) -> None:
+async def test_stalled_call_times_out_then_recovers(scenario: Scenario, product: Product, client: str) -> None:
     script = [Delay(3.0, then="late"), [Call("finalize_email", FINAL)]]
-    config = RolloutConfig(max_turns=2, request_timeout_s=0.3, **FAST)
+    config = RolloutConfig(max_turns=2, request_timeout_s=0.3, inference_client=client, **FAST)
     async with LoopbackOpenAI(script) as server:
         traj = await rollout(make_model(server), scenario, product, config)
         assert len(server.requests) == 2
@@ -131,10 +137,10 @@ async def test_stalled_call_times_out_then_recovers(scenario: Scenario, product:
 
 
 @pytest.mark.anyio
-async def test_retries_give_up_after_the_configured_attempts(scenario: Scenario, product: Product) -> None:
+async def test_retries_give_up_after_the_configured_attempts(scenario: Scenario, product: Product, client: str) -> None:
     async with LoopbackOpenAI([HTTPError(500)] * 5) as server:
         with pytest.raises(openai.InternalServerError):
-            await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, **FAST))
+            await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, inference_client=client, **FAST))
         assert len(server.requests) == 3
 
 

@@ -144,6 +144,7 @@ async def generate_eval_groups(
     """
     import art
 
+    from codreamer.training.policy_client import open_policy_client
     from codreamer.training.rollout import rollout
 
     limiter = asyncio.Semaphore(concurrency)
@@ -151,21 +152,23 @@ async def generate_eval_groups(
     for scenario_id, index, rollout_seed in eval_seeds([s.scenario_id for s in scenarios], samples, seed):
         plan.setdefault(scenario_id, []).append((index, rollout_seed))
 
-    async def one(scenario: Scenario, index: int, rollout_seed: int) -> art.Trajectory:
-        async with limiter:
-            trajectory = await rollout(model, scenario, product, config, step=step, seed=rollout_seed)
-        trajectory.metadata["sample_index"] = index
-        return trajectory
+    async with open_policy_client(model, config.inference_client, max_connections=concurrency) as client:
 
-    groups = [
-        art.trajectory_group(
-            [one(scenario, index, rollout_seed) for index, rollout_seed in plan[scenario.scenario_id]],  # eager: binds scenario
-            metadata={"scenario_id": scenario.scenario_id, "prospect_id": scenario.prospect.prospect_id, "step": step},
-            return_exceptions=True,
-        )
-        for scenario in scenarios
-    ]
-    return await art.gather_trajectory_groups(groups, pbar_desc="eval", max_exceptions=max_exceptions)
+        async def one(scenario: Scenario, index: int, rollout_seed: int) -> art.Trajectory:
+            async with limiter:
+                trajectory = await rollout(model, scenario, product, config, step=step, seed=rollout_seed, client=client)
+            trajectory.metadata["sample_index"] = index
+            return trajectory
+
+        groups = [
+            art.trajectory_group(
+                [one(scenario, index, rollout_seed) for index, rollout_seed in plan[scenario.scenario_id]],  # eager
+                metadata={"scenario_id": scenario.scenario_id, "prospect_id": scenario.prospect.prospect_id, "step": step},
+                return_exceptions=True,
+            )
+            for scenario in scenarios
+        ]
+        return await art.gather_trajectory_groups(groups, pbar_desc="eval", max_exceptions=max_exceptions)
 
 
 # ------------------------------------------------------------------------------ summaries

@@ -23,6 +23,7 @@ from codreamer.domain import Product, Scenario
 from codreamer.pipeline.evaluation import EvalSummary, generate_eval_groups, summarize_evaluation
 from codreamer.retry import RetryPolicy, retrying
 from codreamer.rewards.scoring import RewardScorer, ScoringSummary
+from codreamer.training.policy_client import open_policy_client
 from codreamer.training.rollout import rollout
 
 
@@ -85,26 +86,29 @@ async def generate_trajectories(
     runs past `rollout_timeout_s` is cancelled and lands there as a `TimeoutError`.
     """
     limiter = asyncio.Semaphore(plan.concurrency)
+    async with open_policy_client(model, plan.config.inference_client, max_connections=plan.concurrency) as client:
 
-    async def bounded(scenario: Scenario, seed: int) -> art.Trajectory:
-        async with limiter:
-            try:
-                async with asyncio.timeout(plan.rollout_timeout_s):
-                    return await rollout(model, scenario, plan.product, plan.config, step=step, seed=seed)
-            except TimeoutError:
-                raise TimeoutError(
-                    f"rollout of {scenario.scenario_id} (seed {seed}) timed out after {plan.rollout_timeout_s:g}s"
-                ) from None
+        async def bounded(scenario: Scenario, seed: int) -> art.Trajectory:
+            async with limiter:
+                try:
+                    async with asyncio.timeout(plan.rollout_timeout_s):
+                        return await rollout(
+                            model, scenario, plan.product, plan.config, step=step, seed=seed, client=client
+                        )
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"rollout of {scenario.scenario_id} (seed {seed}) timed out after {plan.rollout_timeout_s:g}s"
+                    ) from None
 
-    groups = [
-        art.trajectory_group(
-            (bounded(s, _group_seed(plan.seed, step, i, g)) for g in range(plan.group_size)),
-            metadata={"scenario_id": s.scenario_id, "prospect_id": s.prospect.prospect_id, "step": step},
-            return_exceptions=True,
-        )
-        for i, s in enumerate(scenarios)
-    ]
-    gathered = await art.gather_trajectory_groups(groups, pbar_desc=pbar_desc, max_exceptions=plan.max_exceptions)
+        groups = [
+            art.trajectory_group(
+                (bounded(s, _group_seed(plan.seed, step, i, g)) for g in range(plan.group_size)),
+                metadata={"scenario_id": s.scenario_id, "prospect_id": s.prospect.prospect_id, "step": step},
+                return_exceptions=True,
+            )
+            for i, s in enumerate(scenarios)
+        ]
+        gathered = await art.gather_trajectory_groups(groups, pbar_desc=pbar_desc, max_exceptions=plan.max_exceptions)
     check_rollout_failures(gathered, len(scenarios) * plan.group_size, plan.max_exceptions)
     return gathered
 

@@ -1,6 +1,7 @@
 """One agent episode: the policy looks up facts with tools and writes an outreach email.
 
-`rollout` runs a multi-turn tool-calling loop against `model.openai_client()` and returns
+`rollout` runs a multi-turn tool-calling loop against the model's chat endpoint (through a
+`codreamer.training.policy_client.PolicyClient`) and returns
 an `art.Trajectory` whose `messages_and_choices` holds the prompt messages, the sampled
 `Choice` objects (what ART trains on) and the tool results. The episode ends when the
 model calls `finalize_email` with a valid subject and body; if it never does within
@@ -33,6 +34,7 @@ from codreamer.config import RolloutConfig
 from codreamer.domain import Email, Product, Scenario
 from codreamer.local_trace import traced
 from codreamer.retry import RetryPolicy, retrying
+from codreamer.training.policy_client import PolicyClient, open_policy_client
 from codreamer.usage import timed_llm_call
 
 __all__ = [
@@ -232,7 +234,7 @@ def email_from_trajectory(traj: art.Trajectory) -> Email:
 
 def _trace_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     """What Weave records of rollout's inputs: never the model's API key or client."""
-    out = dict(inputs)
+    out = {key: value for key, value in inputs.items() if key != "client"}
     model = out.get("model")
     if isinstance(model, art.Model):
         out["model"] = {"name": model.name, "project": model.project, "inference_model_name": model.inference_model_name}
@@ -240,14 +242,14 @@ def _trace_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 @traced
-async def chat_completion(client: Any, request: dict[str, Any]) -> Any:
+async def chat_completion(client: PolicyClient, request: dict[str, Any], timeout_s: float) -> Any:
     """One policy call; a local span of its own so the trace shows every LLM call's latency.
 
     Counted in the current usage ledger (kind "policy": latency, the server's token usage,
     errors) when the loop has one (`codreamer.usage.using_ledger`).
     """
     async with timed_llm_call("policy", request.get("model")) as call:
-        completion = await client.chat.completions.create(**request)
+        completion = await client.complete(request, timeout_s=timeout_s)
         call.set_usage(getattr(completion, "usage", None))
     return completion
 
@@ -270,12 +272,12 @@ def request_messages(items: Iterable[Any]) -> list[dict[str, Any]]:
     return messages
 
 
-async def _complete_with_retries(client: Any, request: dict[str, Any], config: RolloutConfig) -> Any:
+async def _complete_with_retries(client: PolicyClient, request: dict[str, Any], config: RolloutConfig) -> Any:
     """`chat_completion`, tried again with backoff on transient errors (`codreamer.retry`)."""
     policy = RetryPolicy(attempts=config.inference_attempts, initial_s=config.retry_initial_s, max_s=config.retry_max_s)
     async for attempt in retrying(policy, "inference"):
         with attempt:
-            return await chat_completion(client, request)
+            return await chat_completion(client, request, config.request_timeout_s)
     raise AssertionError("unreachable")  # retrying either returns or re-raises
 
 
@@ -289,9 +291,28 @@ async def rollout(
     *,
     step: int = 0,
     seed: int | None = None,
+    client: PolicyClient | None = None,
 ) -> art.Trajectory:
-    """Run one episode of the outreach agent on `scenario`; see the module docstring."""
-    client = model.openai_client().with_options(max_retries=0)  # retries are ours: classified, counted
+    """Run one episode of the outreach agent on `scenario`; see the module docstring.
+
+    `client` is the stage's shared `PolicyClient` (one connection pool for all rollouts);
+    without one, the rollout opens its own of kind `config.inference_client`.
+    """
+    if client is None:
+        async with open_policy_client(model, config.inference_client, max_connections=1) as own_client:
+            return await _episode(model, scenario, product, config, step, seed, own_client)
+    return await _episode(model, scenario, product, config, step, seed, client)
+
+
+async def _episode(
+    model: art.Model,
+    scenario: Scenario,
+    product: Product,
+    config: RolloutConfig,
+    step: int,
+    seed: int | None,
+    client: PolicyClient,
+) -> art.Trajectory:
     model_name = model.get_inference_name()
     prospect = scenario.prospect
     items: list[Any] = list(initial_messages(prospect, product))
@@ -309,7 +330,6 @@ async def rollout(
             "max_completion_tokens": config.max_tokens,
             "temperature": config.temperature,
             "logprobs": True,
-            "timeout": config.request_timeout_s,
         }
         if seed is not None:
             request["seed"] = seed
