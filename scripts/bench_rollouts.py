@@ -78,8 +78,9 @@ def _reply(body: dict[str, Any], served: int) -> dict[str, Any]:
     }
 
 
-def _serve(port: int, ready: Any, latency: Any) -> None:
-    """Server process: aiohttp app; `latency` is a shared double, changed between phases."""
+def _serve(port: int, ready: Any, latency: Any, usage: Any) -> None:
+    """Server process: aiohttp app; `latency` is a shared double, changed between phases;
+    `usage` holds [calls served, this process's CPU seconds so far] (the server's own cost)."""
     from aiohttp import web
 
     served = 0
@@ -90,7 +91,9 @@ def _serve(port: int, ready: Any, latency: Any) -> None:
         served += 1
         if latency.value > 0:
             await asyncio.sleep(latency.value)
-        return web.json_response(_reply(body, served))
+        response = web.json_response(_reply(body, served))
+        usage[0], usage[1] = served, time.process_time()
+        return response
 
     async def main() -> None:
         app = web.Application()
@@ -169,7 +172,8 @@ async def run(args: argparse.Namespace) -> None:
     latency = mp.get_context("spawn").Value("d", args.latency_ms / 1000)
     ready = mp.get_context("spawn").Event()
     port = _free_port()
-    server = mp.get_context("spawn").Process(target=_serve, args=(port, ready, latency), daemon=True)
+    usage = mp.get_context("spawn").Array("d", 2)
+    server = mp.get_context("spawn").Process(target=_serve, args=(port, ready, latency, usage), daemon=True)
     server.start()
     if not ready.wait(30):
         raise RuntimeError("the bench chat server did not start")
@@ -196,6 +200,7 @@ async def run(args: argparse.Namespace) -> None:
     single: dict[str, list[float]] = {kind: [] for kind in kinds}
     many: dict[tuple[str, int], list[float]] = {(kind, c): [] for kind in kinds for c in concurrencies}
     client_cpu: dict[str, list[float]] = {kind: [] for kind in kinds}
+    server_cpu: list[float] = []
     messages_cpu, scoring_cpu, history_cpu = [], [], []
     try:
         with recording_to(work):
@@ -212,9 +217,11 @@ async def run(args: argparse.Namespace) -> None:
             scorer = build_scorer(settings, task, online=True)
             for repeat in range(args.repeats):
                 for kind in kinds:
+                    calls_before, server_before = usage[0], usage[1]
                     with CallTimer(rollout_module, "request_messages") as messages_timer:
                         _, cpu, groups = await timed(lambda k=kind: generate(k, scenarios, group_size, max(concurrencies)))
                     client_cpu[kind].append(cpu / rollouts)
+                    server_cpu.append((usage[1] - server_before) / max(1.0, usage[0] - calls_before))
                 messages_cpu.append(messages_timer.cpu_s / rollouts)
                 _, cpu, _ = await timed(
                     lambda g=groups: score_trajectories(g, scenarios, scorer, step=step, emails_sent=True)
@@ -247,6 +254,7 @@ async def run(args: argparse.Namespace) -> None:
     for kind in kinds:
         print(f"  rollout, {kind} client (prompt, HTTP client, tools, trajectory, trace): {median(client_cpu[kind]) * 1e6:.0f} us")
     print(f"    of which request_messages (request messages per turn):                {median(messages_cpu) * 1e6:.0f} us")
+    print(f"  (not ours: the bench server's CPU per call, on the other core:           {median(server_cpu) * 1e6:.0f} us)")
     print(f"  scoring (rubric + simulator + event log + blend):                        {median(scoring_cpu) * 1e6:.0f} us")
     print(
         f"  history record (one per iteration): {median(history_cpu) * 1e6:.0f} us "
