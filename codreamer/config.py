@@ -140,6 +140,14 @@ class Settings(BaseSettings):
         default=Path.home() / ".cache" / "codreamer",
         description="Where the embedded model is cached as safetensors after the first load.",
     )
+    prefix_store_mb: int = Field(
+        default=512,
+        ge=0,
+        description=(
+            "Embedded backend: memory for the keys/values of recent conversations, so a rollout's "
+            "next turn prefills only its new tokens (0: off)."
+        ),
+    )
 
     # --- reliability ---------------------------------------------------------------------
     inference_attempts: int = Field(default=3, ge=1, description="Tries of a model call on transient errors (timeouts, 429, 5xx).")

@@ -40,6 +40,7 @@ class PolicyCalls:
     sample_rows: list[int] = field(default_factory=list)
     sample_prompt_tokens: list[int] = field(default_factory=list)
     sample_new_tokens: list[int] = field(default_factory=list)
+    sample_prefilled: list[int] = field(default_factory=list)  # positions the prefills computed
     train_s: list[float] = field(default_factory=list)
     train_sequences: list[int] = field(default_factory=list)
     train_tokens: list[int] = field(default_factory=list)
@@ -52,6 +53,7 @@ class PolicyCalls:
             "sample_rows_mean": statistics.fmean(self.sample_rows) if self.sample_rows else 0.0,
             "sample_prompt_tokens_total": sum(self.sample_prompt_tokens),
             "sample_new_tokens_total": sum(self.sample_new_tokens),
+            "sample_prefilled_positions_total": sum(self.sample_prefilled),
             "train_calls": len(self.train_s),
             "train_s_total": sum(self.train_s),
             "train_sequences": sum(self.train_sequences),
@@ -66,9 +68,10 @@ def instrument_policy(calls: PolicyCalls) -> Callable[[], None]:
     original_sample, original_train = Policy.sample, Policy.train_step
 
     def sample(self: Policy, prompts: list[list[int]], *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
+        started, prefilled = time.perf_counter(), self.prefilled_positions
         samples = original_sample(self, prompts, *args, **kwargs)
         with calls.lock:
+            calls.sample_prefilled.append(self.prefilled_positions - prefilled)
             calls.sample_s.append(time.perf_counter() - started)
             calls.sample_rows.append(len(prompts))
             calls.sample_prompt_tokens.append(sum(len(p) for p in prompts))
@@ -137,7 +140,13 @@ async def profile_one_iteration(args: argparse.Namespace, out: Path) -> dict[str
     (out / "profile.html").write_text(profiler.output_html())
     (out / "profile.txt").write_text(profiler.output_text(unicode=False, color=False))
     summary = {
-        "settings": {k: getattr(settings, k) for k in ("scenarios_per_step", "group_size", "eval_scenarios", "max_turns", "max_tokens", "rollout_concurrency")},
+        "settings": {
+            k: getattr(settings, k)
+            for k in (
+                "scenarios_per_step", "group_size", "eval_scenarios", "max_turns", "max_tokens", "rollout_concurrency",
+                "prefix_store_mb",
+            )
+        },  # fmt: skip
         "setup_s": setup_s,
         "iteration_s": wall,
         "stages_s": {k.removeprefix("time/"): v for k, v in record.items() if k.startswith("time/")},
@@ -158,7 +167,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     print(
         f"  policy sampling: {policy['sample_calls']} batches, {policy['sample_rows_mean']:.1f} rows on average, "
         f"{policy['sample_prompt_tokens_total']} prompt + {policy['sample_new_tokens_total']} new tokens, "
-        f"{policy['sample_s_total']:.1f} s (worker thread)"
+        f"{policy['sample_s_total']:.1f} s (worker thread); the prefills computed "
+        f"{policy['sample_prefilled_positions_total']} positions for those prompt tokens"
     )
     print(
         f"  GRPO step: {policy['train_calls']} call(s), {policy['train_sequences']} sequences, "
@@ -173,7 +183,10 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/profile-iteration"), help="Folder for the profile files.")
-    for name in ("scenarios_per_step", "group_size", "eval_scenarios", "max_turns", "max_tokens", "rollout_concurrency"):
+    for name in (
+        "scenarios_per_step", "group_size", "eval_scenarios", "max_turns", "max_tokens", "rollout_concurrency",
+        "prefix_store_mb",
+    ):  # fmt: skip
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help="Settings override.")
     return parser.parse_args(argv)
 

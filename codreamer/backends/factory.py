@@ -20,7 +20,12 @@ def create_backend(settings: Settings) -> Any:
     if settings.backend == "embedded":
         from codreamer.backends.embedded.backend import EmbeddedBackend
 
-        return EmbeddedBackend(settings.model_cache_dir, settings.grpo_config(), max_batch=settings.rollout_concurrency * 2)
+        return EmbeddedBackend(
+            settings.model_cache_dir,
+            settings.grpo_config(),
+            max_batch=settings.rollout_concurrency * 2,
+            prefix_store_bytes=settings.prefix_store_mb * 2**20,
+        )
     if settings.backend == "local":
         return _local_backend(settings)
     return _serverless_backend(settings)

@@ -44,7 +44,8 @@ STAGE_ORDER: tuple[Stage, ...] = ("started", "generated", "scored", "trained", "
 RESUME_FREE_SETTINGS = frozenset(
     {
         "run_id", "runs_dir", "iterations", "epochs", "max_steps", "force_resume", "rollout_concurrency",
-        "request_timeout_s", "inference_client", "train_retries", "model_cache_dir", "events_secret", "judge_api_key",
+        "request_timeout_s", "inference_client", "train_retries", "model_cache_dir", "prefix_store_mb",
+        "events_secret", "judge_api_key",
         "judge_timeout_s", "judge_attempts", "wandb", "weave_project", "wandb_api_key", "wandb_project",
         "wandb_entity", "wandb_mode", "tracking_timeout_s", "inference_attempts", "retry_initial_s", "retry_max_s",
         "rollout_timeout_s", "generate_timeout_s", "score_timeout_s", "train_timeout_s", "evaluate_timeout_s",

@@ -26,7 +26,7 @@ from art.utils.output_dirs import get_model_dir
 from loguru import logger
 
 from codreamer.backends.embedded.batcher import SamplingBatcher
-from codreamer.backends.embedded.policy import Policy
+from codreamer.backends.embedded.policy import DEFAULT_PREFIX_STORE_BYTES, Policy
 from codreamer.backends.embedded.server import PolicyServer
 from codreamer.backends.embedded.weights import load_embedded_model
 from codreamer.config import GRPOConfig
@@ -49,10 +49,19 @@ def checkpoint_steps(model: art.Model) -> list[int]:
 class EmbeddedBackend:
     """CPU training and inference for one trainable model at a time."""
 
-    def __init__(self, cache_dir: Path, grpo: GRPOConfig, *, max_batch: int = 16, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        grpo: GRPOConfig,
+        *,
+        max_batch: int = 16,
+        threads: int | None = None,
+        prefix_store_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
+    ) -> None:
         self.cache_dir = cache_dir
         self.grpo = grpo
         self.max_batch = max_batch
+        self.prefix_store_bytes = prefix_store_bytes
         if threads:
             torch.set_num_threads(threads)
         self._policy: Policy | None = None
@@ -136,7 +145,7 @@ class EmbeddedBackend:
 
     def _build_policy(self) -> Policy:
         base, tokenizer = load_embedded_model(self.cache_dir)
-        return Policy(base, tokenizer, self.grpo)
+        return Policy(base, tokenizer, self.grpo, prefix_store_bytes=self.prefix_store_bytes)
 
     def _restore_latest(self, model: art.TrainableModel) -> int:
         steps = checkpoint_steps(model)

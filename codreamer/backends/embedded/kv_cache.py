@@ -77,9 +77,83 @@ class PreallocatedLayer(DynamicLayer):
             self._publish()
 
 
+    def gather_columns(self, index: torch.Tensor, capacity: int) -> None:
+        """Keep, per row, the positions `index[row]` (`[batch, width]`), in a new buffer of `capacity`."""
+        if self.is_initialized:
+            batch, heads, _, dim = self._keys.shape
+            expanded = index[:, None, :, None].expand(batch, heads, index.shape[1], dim)
+            keys = self._keys[:, :, : self.length].gather(2, expanded)
+            values = self._values[:, :, : self.length].gather(2, expanded)
+            self.capacity = capacity
+            self.preload(keys, values)
+
+    def preload(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start from `[batch, heads, length, dim]` keys/values already computed elsewhere."""
+        self.lazy_initialization(keys, values)
+        length = keys.shape[-2]
+        self._keys[:, :, :length] = keys
+        self._values[:, :, :length] = values
+        self.length = length
+        self._publish()
+
+
 def preallocated_cache(num_layers: int, capacity: int) -> Cache:
     """A cache of `num_layers` in-place layers, each with room for `capacity` positions."""
     return Cache(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+
+
+CachedRow = tuple[torch.Tensor | None, torch.Tensor | None, int]
+
+
+def right_aligned_cache(rows: Sequence[CachedRow], capacity: int) -> tuple[Cache, torch.Tensor]:
+    """A batch cache whose row i holds the first `length_i` positions of its `[layers, heads,
+    tokens, dim]` keys/values (None, 0: nothing), right-aligned at the width of the longest;
+    with its attention mask (1 where a row has a cached position, 0 for the gap before it)."""
+    width = max(length for _, _, length in rows)
+    keys0 = next(keys for keys, _, length in rows if keys is not None and length)
+    layers, heads, _, dim = keys0.shape
+    keys = keys0.new_zeros((layers, len(rows), heads, width, dim))
+    values = keys0.new_zeros((layers, len(rows), heads, width, dim))
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (row_keys, row_values, length) in enumerate(rows):
+        if row_keys is not None and row_values is not None and length:
+            keys[:, row, :, width - length :] = row_keys[:, :, :length]
+            values[:, row, :, width - length :] = row_values[:, :, :length]
+            mask[row, width - length :] = 1
+    cache = preallocated_cache(layers, capacity)
+    for index, layer in enumerate(cache.layers):
+        assert isinstance(layer, PreallocatedLayer)
+        layer.preload(keys[index], values[index])
+    return cache, mask
+
+
+def close_gaps(cache: Cache, attention: torch.Tensor, room: int) -> torch.Tensor:
+    """Move each row's attended positions to the right end of the cache, in order, and return
+    the new attention mask; `room` positions are kept free for decoding.
+
+    Rows that start from stored prefixes of different lengths leave a masked gap between a
+    row's stored part and its new tokens; every decoding step would read those columns.
+    Position ids travel with the rows, so nothing else changes.
+    """
+    lengths = attention.sum(-1)
+    width = int(lengths.max())
+    index = torch.zeros((attention.shape[0], width), dtype=torch.long)
+    mask = torch.zeros((attention.shape[0], width), dtype=attention.dtype)
+    for row in range(attention.shape[0]):
+        columns = attention[row].nonzero().squeeze(-1)
+        index[row, width - len(columns) :] = columns
+        mask[row, width - len(columns) :] = 1
+    for layer in cache.layers:
+        assert isinstance(layer, PreallocatedLayer)
+        layer.gather_columns(index, width + room)
+    return mask
+
+
+def row_keys_values(cache: Cache, row: int, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of one batch row's keys/values at `columns`, `[layers, heads, len(columns), dim]`."""
+    keys = torch.stack([layer.keys[row][:, columns] for layer in cache.layers])
+    values = torch.stack([layer.values[row][:, columns] for layer in cache.layers])
+    return keys, values
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,15 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache
 
-from codreamer.backends.embedded.kv_cache import common_prefix_length, preallocated_cache
+from codreamer.backends.embedded.kv_cache import (
+    CachedRow,
+    close_gaps,
+    common_prefix_length,
+    preallocated_cache,
+    right_aligned_cache,
+    row_keys_values,
+)
+from codreamer.backends.embedded.prefix_store import PrefixStore
 from codreamer.config import GRPOConfig
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -29,6 +37,20 @@ ADAPTER_FILE = "adapter_model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 #: A common prefix shorter than this is not worth a forward pass of its own.
 MIN_SHARED_PREFIX = 16
+#: Default memory for the keys/values of recent conversations (`PrefixStore`).
+DEFAULT_PREFIX_STORE_BYTES = 512 * 2**20
+
+
+@dataclass
+class _Start:
+    """Where a batch's decoding starts: the cache so far and the first forward's inputs."""
+
+    cache: Cache
+    step_ids: torch.Tensor
+    attention: torch.Tensor
+    step_pos: torch.Tensor
+    computed_positions: int  # prompt positions the forward passes compute (padding included)
+    has_gaps: bool = False  # rows start from stored prefixes: close the gaps after the prefill
 
 
 @dataclass(frozen=True)
@@ -175,7 +197,14 @@ class _Decoding:
 class Policy:
     """LoRA policy with sampling and a GRPO step; every public method is thread-safe."""
 
-    def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: GRPOConfig) -> None:
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: GRPOConfig,
+        *,
+        prefix_store_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
+    ) -> None:
         torch.manual_seed(config.seed)
         lora = LoraConfig(
             r=config.lora_rank,
@@ -194,6 +223,9 @@ class Policy:
         self._lock = threading.Lock()
         self._num_layers = int(base.config.num_hidden_layers)
         self._lora_merged = False
+        self.prefix_store = PrefixStore(prefix_store_bytes)
+        self.prompt_tokens = 0  # prompt tokens sampled from, since creation
+        self.prefilled_positions = 0  # positions the prefills computed for them (padding included)
         self.model.eval()
 
     # ----------------------------------------------------------------------------- sampling
@@ -222,12 +254,12 @@ class Policy:
         generators: list[torch.Generator | None],
     ) -> list[Sample]:
         self._merge_lora()
-        cache = preallocated_cache(self._num_layers, max(len(p) for p in prompts) + max_new_tokens)
-        shared = self._prefill_shared_prefix(prompts, cache)
-        step_ids, suffix_mask = self._left_pad([p[shared:] for p in prompts])
-        attention = torch.cat([torch.ones(len(prompts), shared, dtype=suffix_mask.dtype), suffix_mask], dim=-1)
-        step_pos = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        start = self._start(prompts, max_new_tokens)
+        cache, step_ids, attention, step_pos = start.cache, start.step_ids, start.attention, start.step_pos
+        self.prompt_tokens += sum(len(p) for p in prompts)
+        self.prefilled_positions += start.computed_positions
         rows = _Decoding.start(len(prompts))
+        in_batch = rows.live
         for step in range(max_new_tokens):
             out = self.model(
                 input_ids=step_ids,
@@ -238,35 +270,90 @@ class Policy:
                 logits_to_keep=1,  # the prefill needs the last position's logits only
             )
             logits = out.logits[:, -1, :].float()
-            chosen, chosen_logprobs = self._choose(logits, temperature, [generators[row] for row in rows.live])
+            if step == 0 and start.has_gaps:
+                attention = close_gaps(cache, attention, max_new_tokens)
+            in_batch = rows.live
+            chosen, chosen_logprobs = self._choose(logits, temperature, [generators[row] for row in in_batch])
             keep = rows.record(chosen.tolist(), chosen_logprobs.tolist(), self.stop_ids)
             if not keep or step + 1 == max_new_tokens:
                 break
             if len(keep) < len(chosen):  # drop finished rows: later steps compute only live ones
+                kept = set(keep)
+                self._store_rows(prompts, rows, cache, attention, in_batch, [b for b in range(len(in_batch)) if b not in kept])
                 selected = torch.tensor(keep)
                 cache.batch_select_indices(selected)
                 attention, chosen, step_pos = attention[selected], chosen[selected], step_pos[selected]
             step_ids = chosen.unsqueeze(-1)
             step_pos = step_pos[:, -1:] + 1
             attention = torch.cat([attention, torch.ones(len(keep), 1, dtype=attention.dtype)], dim=-1)
+        self._store_rows(prompts, rows, cache, attention, in_batch, range(len(in_batch)))
         return rows.samples()
 
-    def _prefill_shared_prefix(self, prompts: list[list[int]], cache: Cache) -> int:
-        """Run the prompts' common prefix once (batch 1) and copy its keys/values to every row.
+    def _start(self, prompts: list[list[int]], max_new_tokens: int) -> _Start:
+        """Prefill from the stored conversations when that computes fewer positions than
+        prefilling the batch's common prefix once and each row's rest."""
+        shared = self._shared_prefix_length(prompts)
+        longest = max(len(p) for p in prompts)
+        shared_cost = shared + len(prompts) * (longest - shared)
+        if self.prefix_store.max_bytes and len(self.prefix_store):
+            matches = [self.prefix_store.match(p, len(p) - 1) for p in prompts]
+            stored_cost = len(prompts) * max(len(p) - length for p, (length, _) in zip(prompts, matches, strict=True))
+            if max(length for length, _ in matches) >= MIN_SHARED_PREFIX and stored_cost < shared_cost:
+                rows: list[CachedRow] = [
+                    (entry.keys, entry.values, length) if entry is not None else (None, None, 0) for length, entry in matches
+                ]
+                return self._start_from_store(prompts, rows, max_new_tokens, stored_cost)
+        cache = preallocated_cache(self._num_layers, longest + max_new_tokens)
+        if shared:
+            self.model(input_ids=torch.tensor([prompts[0][:shared]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(prompts))
+        step_ids, suffix_mask = self._left_pad([p[shared:] for p in prompts])
+        attention = torch.cat([torch.ones(len(prompts), shared, dtype=suffix_mask.dtype), suffix_mask], dim=-1)
+        step_pos = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        return _Start(cache, step_ids, attention, step_pos, shared_cost)
+
+    def _start_from_store(
+        self, prompts: list[list[int]], rows: list[CachedRow], max_new_tokens: int, cost: int
+    ) -> _Start:
+        """Each row starts from its stored prefix (right-aligned); the rest is one left-padded pass."""
+        lengths = [length for _, _, length in rows]
+        suffixes = [p[length:] for p, length in zip(prompts, lengths, strict=True)]
+        capacity = max(lengths) + max(len(s) for s in suffixes) + max_new_tokens
+        cache, cached_mask = right_aligned_cache(rows, capacity)
+        step_ids, suffix_mask = self._left_pad(suffixes)
+        attention = torch.cat([cached_mask, suffix_mask], dim=-1)
+        step_pos = torch.tensor(lengths).unsqueeze(-1) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        return _Start(cache, step_ids, attention, step_pos, cost, has_gaps=True)
+
+    def _shared_prefix_length(self, prompts: list[list[int]]) -> int:
+        """The prompts' common prefix, prefilled once (batch 1) and copied to every row.
 
         The rows of a GRPO group share the whole prompt, and every rollout shares the system
-        prompt, so this removes most of the prefill. Returns the prefix length (0: none).
-        At least one token of each prompt is left to the batched pass, which yields the
-        next-token logits.
+        prompt, so this removes most of a cold batch's prefill. At least one token of each
+        prompt is left to the batched pass, which yields the next-token logits. 0: none worth it.
         """
         if len(prompts) < 2:
             return 0
         shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
-        if shared < MIN_SHARED_PREFIX:
-            return 0
-        self.model(input_ids=torch.tensor([prompts[0][:shared]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(len(prompts))
-        return shared
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
+    def _store_rows(
+        self,
+        prompts: list[list[int]],
+        rows: _Decoding,
+        cache: Cache,
+        attention: torch.Tensor,
+        in_batch: list[int],
+        batch_indices: Iterable[int],
+    ) -> None:
+        """Keep these batch rows' keys/values (prompt + the tokens fed back) for later turns."""
+        if not self.prefix_store.max_bytes:
+            return
+        for index in batch_indices:
+            row = in_batch[index]
+            columns = attention[index].nonzero().squeeze(-1)
+            keys, values = row_keys_values(cache, index, columns)
+            self.prefix_store.add((prompts[row] + rows.tokens[row])[: len(columns)], keys, values)
 
     @staticmethod
     def _choose(
@@ -302,12 +389,14 @@ class Policy:
         if not self._lora_merged:
             self.model.base_model.merge_adapter()
             self._lora_merged = True
+            self.prefix_store.clear()  # stored keys/values belong to the weights before
 
     def _unmerge_lora(self) -> None:
         """Training needs the adapters separate: the gradient is on A and B, not on W."""
         if self._lora_merged:
             self.model.base_model.unmerge_adapter()
             self._lora_merged = False
+            self.prefix_store.clear()  # training is about to change the weights
 
     # ----------------------------------------------------------------------------- training
     def train_step(self, sequences: list[TrainSequence], learning_rate: float) -> dict[str, float]:
