@@ -110,20 +110,23 @@ def right_aligned_cache(rows: Sequence[CachedRow], capacity: int) -> tuple[Cache
     tokens, dim]` keys/values (None, 0: nothing), right-aligned at the width of the longest;
     with its attention mask (1 where a row has a cached position, 0 for the gap before it)."""
     width = max(length for _, _, length in rows)
-    keys0 = next(keys for keys, _, length in rows if keys is not None and length)
-    layers, heads, _, dim = keys0.shape
-    keys = keys0.new_zeros((layers, len(rows), heads, width, dim))
-    values = keys0.new_zeros((layers, len(rows), heads, width, dim))
+    template = next(keys for keys, _, length in rows if keys is not None and length)
+    layers, heads, _, dim = template.shape
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, (row_keys, row_values, length) in enumerate(rows):
-        if row_keys is not None and row_values is not None and length:
-            keys[:, row, :, width - length :] = row_keys[:, :, :length]
-            values[:, row, :, width - length :] = row_values[:, :, :length]
-            mask[row, width - length :] = 1
+    for row, (_, _, length) in enumerate(rows):
+        mask[row, width - length :] = 1
     cache = preallocated_cache(layers, capacity)
     for index, layer in enumerate(cache.layers):
         assert isinstance(layer, PreallocatedLayer)
-        layer.preload(keys[index], values[index])
+        layer.lazy_initialization(template.new_empty((len(rows), heads, 0, dim)), template.new_empty((len(rows), heads, 0, dim)))
+        layer._keys[:, :, :width] = 0  # the gaps are masked, but must hold finite numbers
+        layer._values[:, :, :width] = 0
+        for row, (row_keys, row_values, length) in enumerate(rows):
+            if row_keys is not None and row_values is not None and length:
+                layer._keys[row, :, width - length : width] = row_keys[index, :, :length]
+                layer._values[row, :, width - length : width] = row_values[index, :, :length]
+        layer.length = width
+        layer._publish()
     return cache, mask
 
 
