@@ -3,7 +3,9 @@
 One object owns the weights, so sampling and GRPO updates never race: both take the same
 lock. Sampling returns the chosen tokens' log-probabilities (what the OpenAI API calls
 `logprobs`), and training recomputes them under the current weights for the loss, as an
-on-policy GRPO step with one update per batch of groups.
+on-policy GRPO step with one update per batch of groups. Between weight changes, the keys and
+values of finished rows are kept (`PrefixStore`) so a rollout's next turn prefills only its
+new tokens.
 """
 
 from __future__ import annotations

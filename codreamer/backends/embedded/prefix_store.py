@@ -47,8 +47,6 @@ class PrefixStore:
         self._entries: OrderedDict[int, StoredPrefix] = OrderedDict()
         self._ids = count()
         self.nbytes = 0
-        self.reused_tokens = 0  # prompt tokens served from the store, since creation
-        self.prompt_tokens = 0  # prompt tokens looked up, since creation
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -60,7 +58,6 @@ class PrefixStore:
 
     def match(self, prompt: Sequence[int], limit: int) -> tuple[int, StoredPrefix | None]:
         """The longest stored prefix of `prompt`, at most `limit` tokens: (length, entry)."""
-        self.prompt_tokens += len(prompt)
         best_length, best_key = 0, None
         prompt = tuple(prompt)
         for key, entry in self._entries.items():
@@ -70,7 +67,6 @@ class PrefixStore:
         if best_key is None:
             return 0, None
         self._entries.move_to_end(best_key)
-        self.reused_tokens += best_length
         return best_length, self._entries[best_key]
 
     def add(self, tokens: Sequence[int], keys: torch.Tensor, values: torch.Tensor) -> None:
