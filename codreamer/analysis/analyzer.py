@@ -653,14 +653,15 @@ def _redact(text: str, config: AnalyzerJudgeConfig) -> str:
 
 async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | CrossRunReport) -> JudgeAnalysis:
     import openai
-    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-    transient = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+    from codreamer.retry import RetryPolicy, is_transient, retrying
+
+    policy = RetryPolicy(attempts=config.attempts, initial_s=config.backoff_initial_s, max_s=config.backoff_max_s)
     client = openai.AsyncOpenAI(
         base_url=config.base_url,
         api_key=config.api_key.get_secret_value() if config.api_key is not None else "not-set",
         timeout=config.timeout_s,
-        max_retries=0,  # retries are ours (tenacity), so they are counted and bounded
+        max_retries=0,  # retries are ours (codreamer.retry), so they are classified, logged and counted
     )
     messages = [
         {"role": "system", "content": _SYSTEM_PROMPT},
@@ -672,19 +673,7 @@ async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | Cro
     ]
 
     async def one_call() -> str | None:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(config.attempts),
-            wait=wait_exponential_jitter(multiplier=config.backoff_initial_s, max=config.backoff_max_s, jitter=config.backoff_initial_s),
-            retry=retry_if_exception_type(transient),
-            reraise=True,
-            before_sleep=lambda state: logger.warning(
-                "analysis judge: {} (attempt {} of {}), retrying",
-                type(state.outcome.exception()).__name__,
-                state.attempt_number,
-                config.attempts,
-            ),
-        )
-        async for attempt in retrying:
+        async for attempt in retrying(policy, "analysis judge"):
             with attempt, timed_llm_call("analyzer", config.model) as call:
                 completion = await client.chat.completions.create(
                     model=config.model, messages=messages, temperature=0.0, max_tokens=config.max_tokens
@@ -701,7 +690,7 @@ async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | Cro
             try:
                 answer = await one_call()
             except Exception as exc:  # noqa: BLE001 - the report says why, the caller goes on
-                tries = f" (after {config.attempts} attempts)" if isinstance(exc, transient) and config.attempts > 1 else ""
+                tries = f" (after {config.attempts} attempts)" if is_transient(exc) and config.attempts > 1 else ""
                 reason = _redact(f"{type(exc).__name__}{tries}: {exc}", config)
                 break
             try:
