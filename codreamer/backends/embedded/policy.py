@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache
 
@@ -422,11 +423,14 @@ class Policy:
         loss_sum, logprob_sum = 0.0, 0.0
         try:
             self.optimizer.zero_grad(set_to_none=True)
+            progress = tqdm(total=sum(s.length for s in active), desc="train", unit="tok", unit_scale=True, leave=False)
             for micro in self.micro_batches(active):
                 loss, logprob_total = self.policy_loss(micro, normalizer=total_tokens)
                 loss.backward()
                 loss_sum += float(loss.detach())
                 logprob_sum += logprob_total
+                progress.update(sum(s.length for s in micro))
+            progress.close()
             grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.config.max_grad_norm)
             self.optimizer.step()
         finally:
