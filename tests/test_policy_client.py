@@ -212,10 +212,12 @@ async def test_direct_client_needs_a_registered_model() -> None:
 
 def test_direct_client_sends_the_key_only_in_its_header() -> None:
     client = DirectPolicyClient.__new__(DirectPolicyClient)  # no session needed to check the error path
-    client.url = "http://127.0.0.1:1/v1/chat/completions"
+    client.url, client._api_key = "http://127.0.0.1:1/v1/chat/completions", "sk-test-secret"
     error = client._status_error(500, {}, b'{"error": {"message": "boom"}}')
     assert str(error) == "Error code: 500 - boom"
     assert "authorization" not in {k.lower() for k in error.request.headers}
+    echoed = client._status_error(401, {}, b'{"error": {"message": "Incorrect API key provided: sk-test-secret"}}')
+    assert "sk-test-secret" not in str(echoed) and str(echoed).endswith("provided: ***")
 
 
 # --- which client a run uses ---------------------------------------------------------------------

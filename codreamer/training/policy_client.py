@@ -95,6 +95,7 @@ class DirectPolicyClient:
 
     def __init__(self, base_url: str, api_key: str, *, max_connections: int) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self._api_key = api_key  # sent in the header only; blanked out of error messages
         headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections), headers=headers)
 
@@ -131,7 +132,9 @@ class DirectPolicyClient:
             body = content.decode(errors="replace")[:_ERROR_BODY_CHARS]
         error = body.get("error") if isinstance(body, dict) else None
         detail = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else body
-        message = f"Error code: {status} - {detail}"
+        message = f"Error code: {status} - {str(detail)[:_ERROR_BODY_CHARS]}"
+        if self._api_key:
+            message = message.replace(self._api_key, "***")  # a server that echoes the key must not leak it
         response = httpx.Response(status, headers=headers, content=content, request=self._request())
         error_type = _STATUS_ERRORS.get(status, openai.InternalServerError if status >= 500 else openai.APIStatusError)
         return error_type(message, response=response, body=body)
