@@ -705,3 +705,30 @@ async def test_real_stages_with_injected_crash_and_judge_error(tmp_path: Path) -
     assert totals["llm/policy/calls"] == 2 and totals["llm/policy/errors"] == 1
     assert totals["llm/policy/completion_tokens"] > 0
     assert totals["llm/judge/calls"] == 1 and totals["llm/judge/errors"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_rollout_that_crashes_mid_episode_keeps_its_conversation_so_far(tmp_path: Path) -> None:
+    """The exception of a failed rollout carries the turns before the crash (an exception
+    note that ART's traceback text keeps); the failure's input is the prompt plus those turns."""
+    from codreamer.config import REPO_DATA_DIR, RolloutConfig
+    from codreamer.data import load_task_data
+    from codreamer.pipeline.stages import RolloutPlan, generate_trajectories
+
+    task = load_task_data(REPO_DATA_DIR)
+    scenario = task.train[0]
+    script = [[Call("lookup_company", {})], HTTPError(400, "context too long", retryable=False)]
+    async with LoopbackOpenAI(script) as server:
+        model = art.Model(name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t")
+        config = RolloutConfig(max_turns=3, request_timeout_s=10, inference_attempts=1, inference_client="direct")
+        groups = await generate_trajectories(model, [scenario], RolloutPlan(task.product, config, 1, 1, 1, 0), step=0)
+    assert len(groups[0].exceptions) == 1
+
+    collector = FailureCollector(tmp_path, "run-partial", product=task.product)
+    [crash] = collector.collect_groups(groups, iteration=1, step=0, scenarios=[scenario])
+    prompt_length = 2  # system + user
+    assert crash.error_message.startswith("openai.BadRequestError: Error code: 400 - context too long")
+    assistant, tool = crash.input[prompt_length:]
+    assert assistant["role"] == "assistant" and assistant["tool_calls"][0]["function"]["name"] == "lookup_company"
+    assert tool["role"] == "tool" and scenario.prospect.company.name in tool["content"]
+    assert crash.input_hash == sha256_text(json.dumps(crash.input[:prompt_length], sort_keys=True, separators=(",", ":")))

@@ -531,9 +531,15 @@ class FailureCollector:
         gmeta = group.metadata or {}
         g_scenario = gmeta.get("scenario_id")
         failures = []
+        from codreamer.training.rollout import partial_episode
+
         for exc_index, exc in enumerate(group.exceptions):
             type_name, message, tb = _exception_fields(exc)
             error = f"{type_name}: {message}"
+            scenario_input = self._scenario_input(scenario)
+            done_before = partial_episode(tb)
+            if done_before:
+                scenario_input = (scenario_input or []) + done_before  # the conversation up to the crash
             failures.append(
                 self._build(
                     source="exception",
@@ -542,7 +548,7 @@ class FailureCollector:
                     scenario_id=g_scenario,
                     prospect_id=gmeta.get("prospect_id"),
                     trajectory_id=None,
-                    input=self._scenario_input(scenario),
+                    input=scenario_input,
                     output=f"{error}\n{tb}".rstrip(),
                     error_message=error,
                     agent_state={"stage": "rollout", "exception_type": type_name},

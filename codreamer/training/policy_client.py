@@ -55,6 +55,7 @@ _STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
     429: openai.RateLimitError,
 }
 _ERROR_BODY_CHARS = 500
+_MIN_SECRET_CHARS = 8
 
 
 class InvalidPolicyResponseError(ValueError):
@@ -133,7 +134,7 @@ class DirectPolicyClient:
         error = body.get("error") if isinstance(body, dict) else None
         detail = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else body
         message = f"Error code: {status} - {str(detail)[:_ERROR_BODY_CHARS]}"
-        if self._api_key:
+        if len(self._api_key) >= _MIN_SECRET_CHARS:  # a placeholder key ("x") is no secret to blank out
             message = message.replace(self._api_key, "***")  # a server that echoes the key must not leak it
         response = httpx.Response(status, headers=headers, content=content, request=self._request())
         error_type = _STATUS_ERRORS.get(status, openai.InternalServerError if status >= 500 else openai.APIStatusError)

@@ -39,6 +39,7 @@ from codreamer.usage import timed_llm_call
 
 __all__ = [
     "METADATA_KEYS",
+    "PARTIAL_EPISODE_NOTE",
     "auto_finalize_email",
     "clean_assistant_text",
     "email_from_trajectory",
@@ -66,6 +67,10 @@ METADATA_KEYS: tuple[str, ...] = (
     "email_body",
 )
 
+#: Prefix of the note a failed rollout's exception carries: the episode so far, as JSON.
+PARTIAL_EPISODE_NOTE = "codreamer partial episode: "
+_NOTE_MESSAGES = 12
+_NOTE_TEXT_CHARS = 600
 _ALREADY_FINAL = json.dumps({"error": "the email was already submitted; this call was ignored"})
 _DEFAULT_SUBJECT_WORDS = 6
 _DEFAULT_SUBJECT_CHARS = 60
@@ -272,6 +277,42 @@ def request_messages(items: Iterable[Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def _clipped(message: dict[str, Any]) -> dict[str, Any]:
+    out = dict(message)
+    if isinstance(out.get("content"), str):
+        out["content"] = out["content"][:_NOTE_TEXT_CHARS]
+    if out.get("tool_calls"):
+        out["tool_calls"] = [
+            {**call, "function": {**call["function"], "arguments": str(call["function"].get("arguments"))[:_NOTE_TEXT_CHARS]}}
+            if isinstance(call.get("function"), dict)
+            else call
+            for call in out["tool_calls"]
+        ]
+    return out
+
+
+def partial_episode_note(items: list[Any]) -> str:
+    """What the episode did before it failed (turns after the prompt, clipped), as one line.
+
+    Added to the exception (`add_note`), so it travels in the traceback text that ART keeps
+    for a failed rollout, and the failure collector can show the conversation up to the crash.
+    """
+    messages = [_clipped(m) for m in request_messages(items)][-_NOTE_MESSAGES:]
+    return PARTIAL_EPISODE_NOTE + json.dumps(messages, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def partial_episode(traceback_text: str) -> list[dict[str, Any]] | None:
+    """The messages of a `partial_episode_note` found in a traceback text, else None."""
+    for line in reversed(traceback_text.splitlines()):
+        if line.startswith(PARTIAL_EPISODE_NOTE):
+            try:
+                messages = json.loads(line.removeprefix(PARTIAL_EPISODE_NOTE))
+            except ValueError:
+                return None
+            return messages if isinstance(messages, list) else None
+    return None
+
+
 async def _complete_with_retries(client: PolicyClient, request: dict[str, Any], config: RolloutConfig) -> Any:
     """`chat_completion`, tried again with backoff on transient errors (`codreamer.retry`)."""
     policy = RetryPolicy(attempts=config.inference_attempts, initial_s=config.retry_initial_s, max_s=config.retry_max_s)
@@ -316,6 +357,7 @@ async def _episode(
     model_name = model.get_inference_name()
     prospect = scenario.prospect
     items: list[Any] = list(initial_messages(prospect, product))
+    prompt_length = len(items)
 
     email: Email | None = None
     turns = tool_calls = invalid_tool_calls = prospect_lookups = company_lookups = 0
@@ -333,7 +375,12 @@ async def _episode(
         }
         if seed is not None:
             request["seed"] = seed
-        completion = await _complete_with_retries(client, request, config)
+        try:
+            completion = await _complete_with_retries(client, request, config)
+        except Exception as exc:
+            if len(items) > prompt_length:
+                exc.add_note(partial_episode_note(items[prompt_length:]))
+            raise
         if not completion.choices:
             raise RuntimeError(f"inference server returned no choices for scenario {scenario.scenario_id}")
         choice = completion.choices[0]
