@@ -528,11 +528,11 @@ class FailureCollector:
         unique: Callable[[str], str],
         **common: Any,
     ) -> list[Failure]:
+        from codreamer.training.rollout import partial_episode  # the note's format lives with the rollout
+
         gmeta = group.metadata or {}
         g_scenario = gmeta.get("scenario_id")
         failures = []
-        from codreamer.training.rollout import partial_episode
-
         for exc_index, exc in enumerate(group.exceptions):
             type_name, message, tb = _exception_fields(exc)
             error = f"{type_name}: {message}"

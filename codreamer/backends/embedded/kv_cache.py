@@ -17,6 +17,10 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
+#: One row's stored keys, values (`[layers, heads, tokens, dim]`, or None) and how many positions to use.
+CachedRow = tuple[torch.Tensor | None, torch.Tensor | None, int]
+
+
 class PreallocatedLayer(DynamicLayer):
     """One layer's keys and values in a buffer of `capacity` positions, filled in place."""
 
@@ -76,7 +80,6 @@ class PreallocatedLayer(DynamicLayer):
             self._values = self._values[indices]
             self._publish()
 
-
     def gather_columns(self, index: torch.Tensor, capacity: int) -> None:
         """Keep, per row, the positions `index[row]` (`[batch, width]`), in a new buffer of `capacity`."""
         if self.is_initialized:
@@ -85,15 +88,26 @@ class PreallocatedLayer(DynamicLayer):
             keys = self._keys[:, :, : self.length].gather(2, expanded)
             values = self._values[:, :, : self.length].gather(2, expanded)
             self.capacity = capacity
-            self.preload(keys, values)
+            self.lazy_initialization(keys, values)
+            self._keys[:, :, : index.shape[1]] = keys
+            self._values[:, :, : index.shape[1]] = values
+            self.length = index.shape[1]
+            self._publish()
 
-    def preload(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Start from `[batch, heads, length, dim]` keys/values already computed elsewhere."""
-        self.lazy_initialization(keys, values)
-        length = keys.shape[-2]
-        self._keys[:, :, :length] = keys
-        self._values[:, :, :length] = values
-        self.length = length
+    def start_right_aligned(self, rows: Sequence[CachedRow], layer: int, width: int) -> None:
+        """Row i starts with the first `length_i` stored positions of this layer (`layer` of its
+        `[layers, heads, tokens, dim]` keys/values), ending at `width`; zeros in the gap before."""
+        template = next(keys for keys, _, length in rows if keys is not None and length)
+        _, heads, _, dim = template.shape
+        self.dtype, self.device = template.dtype, template.device
+        self._keys = template.new_zeros((len(rows), heads, self.capacity, dim))  # gaps are masked, but finite
+        self._values = template.new_zeros((len(rows), heads, self.capacity, dim))
+        self.is_initialized = True
+        for row, (keys, values, length) in enumerate(rows):
+            if keys is not None and values is not None and length:
+                self._keys[row, :, width - length : width] = keys[layer, :, :length]
+                self._values[row, :, width - length : width] = values[layer, :, :length]
+        self.length = width
         self._publish()
 
 
@@ -102,31 +116,19 @@ def preallocated_cache(num_layers: int, capacity: int) -> Cache:
     return Cache(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
 
 
-CachedRow = tuple[torch.Tensor | None, torch.Tensor | None, int]
-
-
 def right_aligned_cache(rows: Sequence[CachedRow], capacity: int) -> tuple[Cache, torch.Tensor]:
     """A batch cache whose row i holds the first `length_i` positions of its `[layers, heads,
     tokens, dim]` keys/values (None, 0: nothing), right-aligned at the width of the longest;
     with its attention mask (1 where a row has a cached position, 0 for the gap before it)."""
     width = max(length for _, _, length in rows)
-    template = next(keys for keys, _, length in rows if keys is not None and length)
-    layers, heads, _, dim = template.shape
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for row, (_, _, length) in enumerate(rows):
         mask[row, width - length :] = 1
+    layers = next(keys for keys, _, length in rows if keys is not None and length).shape[0]
     cache = preallocated_cache(layers, capacity)
     for index, layer in enumerate(cache.layers):
         assert isinstance(layer, PreallocatedLayer)
-        layer.lazy_initialization(template.new_empty((len(rows), heads, 0, dim)), template.new_empty((len(rows), heads, 0, dim)))
-        layer._keys[:, :, :width] = 0  # the gaps are masked, but must hold finite numbers
-        layer._values[:, :, :width] = 0
-        for row, (row_keys, row_values, length) in enumerate(rows):
-            if row_keys is not None and row_values is not None and length:
-                layer._keys[row, :, width - length : width] = row_keys[index, :, :length]
-                layer._values[row, :, width - length : width] = row_values[index, :, :length]
-        layer.length = width
-        layer._publish()
+        layer.start_right_aligned(rows, index, width)
     return cache, mask
 
 

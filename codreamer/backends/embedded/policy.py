@@ -423,14 +423,13 @@ class Policy:
         loss_sum, logprob_sum = 0.0, 0.0
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            progress = tqdm(total=sum(s.length for s in active), desc="train", unit="tok", unit_scale=True, leave=False)
-            for micro in self.micro_batches(active):
-                loss, logprob_total = self.policy_loss(micro, normalizer=total_tokens)
-                loss.backward()
-                loss_sum += float(loss.detach())
-                logprob_sum += logprob_total
-                progress.update(sum(s.length for s in micro))
-            progress.close()
+            with tqdm(total=sum(s.length for s in active), desc="train", unit="tok", unit_scale=True, leave=False) as bar:
+                for micro in self.micro_batches(active):
+                    loss, logprob_total = self.policy_loss(micro, normalizer=total_tokens)
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    logprob_sum += logprob_total
+                    bar.update(sum(s.length for s in micro))
             grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.config.max_grad_norm)
             self.optimizer.step()
         finally:
