@@ -22,7 +22,8 @@ from codreamer.analysis.collector import FailureCollector, load_failures
 from codreamer.config import RolloutConfig, Settings
 from codreamer.domain import Product, Prospect, Scenario
 from codreamer.pipeline.loop import ResumeConfigError, check_resume_settings, discard_uncommitted_checkpoints
-from codreamer.pipeline.stages import RolloutFailuresError, RolloutPlan, generate_trajectories, grpo_update
+from codreamer.pipeline.fanout import RolloutFailuresError
+from codreamer.pipeline.stages import RolloutPlan, generate_trajectories, grpo_update
 from codreamer.pipeline.state import (
     RunState,
     changed_settings,

@@ -16,7 +16,6 @@ themselves stand for every possible prospect. Summaries are stored as
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import math
@@ -135,6 +134,7 @@ async def generate_eval_groups(
     step: int,
     concurrency: int = 8,
     max_exceptions: float = 0.5,
+    rollout_timeout_s: float = 900.0,
 ) -> list[art.TrajectoryGroup]:
     """One group per held-out scenario with `samples` rollouts seeded by `eval_seeds`.
 
@@ -142,33 +142,23 @@ async def generate_eval_groups(
     the call gives up only when more than `max_exceptions` of them failed. Each trajectory
     carries its seed and `sample_index` in metadata, which pairs samples across evaluations.
     """
-    import art
+    from codreamer.pipeline.fanout import RolloutJob, fan_out_rollouts
 
-    from codreamer.training.policy_client import open_policy_client
-    from codreamer.training.rollout import rollout
-
-    limiter = asyncio.Semaphore(concurrency)
-    plan: dict[str, list[tuple[int, int]]] = {}
-    for scenario_id, index, rollout_seed in eval_seeds([s.scenario_id for s in scenarios], samples, seed):
-        plan.setdefault(scenario_id, []).append((index, rollout_seed))
-
-    async with open_policy_client(model, config.inference_client, max_connections=concurrency) as client:
-
-        async def one(scenario: Scenario, index: int, rollout_seed: int) -> art.Trajectory:
-            async with limiter:
-                trajectory = await rollout(model, scenario, product, config, step=step, seed=rollout_seed, client=client)
-            trajectory.metadata["sample_index"] = index
-            return trajectory
-
-        groups = [
-            art.trajectory_group(
-                [one(scenario, index, rollout_seed) for index, rollout_seed in plan[scenario.scenario_id]],  # eager
-                metadata={"scenario_id": scenario.scenario_id, "prospect_id": scenario.prospect.prospect_id, "step": step},
-                return_exceptions=True,
-            )
-            for scenario in scenarios
-        ]
-        return await art.gather_trajectory_groups(groups, pbar_desc="eval", max_exceptions=max_exceptions)
+    jobs: dict[str, list[RolloutJob]] = {}
+    by_id = {scenario.scenario_id: scenario for scenario in scenarios}
+    for scenario_id, index, rollout_seed in eval_seeds(list(by_id), samples, seed):
+        jobs.setdefault(scenario_id, []).append(RolloutJob(by_id[scenario_id], rollout_seed, {"sample_index": index}))
+    return await fan_out_rollouts(
+        model,
+        list(jobs.values()),
+        product=product,
+        config=config,
+        step=step,
+        concurrency=concurrency,
+        max_exceptions=max_exceptions,
+        rollout_timeout_s=rollout_timeout_s,
+        pbar_desc="eval",
+    )
 
 
 # ------------------------------------------------------------------------------ summaries

@@ -41,11 +41,11 @@ from codreamer.pipeline.evaluation import (
     load_evaluations,
     store_evaluation,
 )
+from codreamer.pipeline.fanout import RolloutFailuresError
 from codreamer.pipeline.history import append_record, read_history
 from codreamer.pipeline.scenarios import iterations_per_epoch, scenarios_for_iteration
 from codreamer.pipeline.stages import (
     RewardStats,
-    RolloutFailuresError,
     RolloutPlan,
     evaluate,
     generate_trajectories,

@@ -7,7 +7,6 @@ short, readable script and a Weave trace shows one node per stage.
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,11 +19,10 @@ from loguru import logger
 from codreamer.config import RolloutConfig
 from codreamer.local_trace import traced
 from codreamer.domain import Product, Scenario
+from codreamer.pipeline.fanout import RolloutJob, fan_out_rollouts
 from codreamer.pipeline.evaluation import EvalSummary, generate_eval_groups, summarize_evaluation
 from codreamer.retry import RetryPolicy, retrying
 from codreamer.rewards.scoring import RewardScorer, ScoringSummary
-from codreamer.training.policy_client import open_policy_client
-from codreamer.training.rollout import rollout
 
 
 @dataclass(frozen=True)
@@ -79,63 +77,28 @@ def _group_seed(seed: int, step: int, scenario_index: int, member: int) -> int:
 async def generate_trajectories(
     model: art.Model, scenarios: Sequence[Scenario], plan: RolloutPlan, *, step: int, pbar_desc: str = "rollouts"
 ) -> list[art.TrajectoryGroup]:
-    """Run every scenario `group_size` times, at most `concurrency` rollouts in flight.
+    """Run every scenario `group_size` times (distinct seeds), one GRPO group per scenario.
 
-    A crashed rollout does not stop the others: it lands in its group's `exceptions`, and
-    the stage gives up only when more than `max_exceptions` rollouts failed. A rollout that
-    runs past `rollout_timeout_s` is cancelled and lands there as a `TimeoutError`.
+    At most `concurrency` rollouts are in flight. A crashed rollout does not stop the others:
+    it lands in its group's `exceptions`, and the stage gives up only when more than
+    `max_exceptions` rollouts failed. A rollout that runs past `rollout_timeout_s` is
+    cancelled and lands there as a `TimeoutError` (`codreamer.pipeline.fanout`).
     """
-    limiter = asyncio.Semaphore(plan.concurrency)
-    async with open_policy_client(model, plan.config.inference_client, max_connections=plan.concurrency) as client:
-
-        async def bounded(scenario: Scenario, seed: int) -> art.Trajectory:
-            async with limiter:
-                try:
-                    async with asyncio.timeout(plan.rollout_timeout_s):
-                        return await rollout(
-                            model, scenario, plan.product, plan.config, step=step, seed=seed, client=client
-                        )
-                except TimeoutError:
-                    raise TimeoutError(
-                        f"rollout of {scenario.scenario_id} (seed {seed}) timed out after {plan.rollout_timeout_s:g}s"
-                    ) from None
-
-        groups = [
-            art.trajectory_group(
-                (bounded(s, _group_seed(plan.seed, step, i, g)) for g in range(plan.group_size)),
-                metadata={"scenario_id": s.scenario_id, "prospect_id": s.prospect.prospect_id, "step": step},
-                return_exceptions=True,
-            )
-            for i, s in enumerate(scenarios)
-        ]
-        gathered = await art.gather_trajectory_groups(groups, pbar_desc=pbar_desc, max_exceptions=plan.max_exceptions)
-    check_rollout_failures(gathered, len(scenarios) * plan.group_size, plan.max_exceptions)
-    return gathered
-
-
-class RolloutFailuresError(RuntimeError):
-    """More rollouts failed than `max_exceptions` allows; `groups` holds what was gathered."""
-
-    def __init__(self, message: str, groups: list[art.TrajectoryGroup]) -> None:
-        super().__init__(message)
-        self.groups = groups
-
-
-def check_rollout_failures(groups: list[art.TrajectoryGroup], planned: int, max_exceptions: float) -> None:
-    """Give the stage up when failed rollouts exceed `max_exceptions` (a count, or a fraction if < 1).
-
-    ART records the exceptions of `return_exceptions=True` groups in the groups without
-    applying its own `max_exceptions`, so the limit is enforced here, over all rollouts.
-    """
-    failed = [e for g in groups for e in g.exceptions]
-    allowed = max_exceptions * planned if max_exceptions < 1 else max_exceptions
-    if len(failed) > allowed:
-        first = failed[0]
-        raise RolloutFailuresError(
-            f"{len(failed)} of {planned} rollouts failed (max_exceptions={max_exceptions:g}); "
-            f"first: {first.type.removeprefix("<class '").removesuffix("'>")}: {first.message}",
-            groups,
-        )
+    jobs = [
+        [RolloutJob(scenario, _group_seed(plan.seed, step, i, g)) for g in range(plan.group_size)]
+        for i, scenario in enumerate(scenarios)
+    ]
+    return await fan_out_rollouts(
+        model,
+        jobs,
+        product=plan.product,
+        config=plan.config,
+        step=step,
+        concurrency=plan.concurrency,
+        max_exceptions=plan.max_exceptions,
+        rollout_timeout_s=plan.rollout_timeout_s,
+        pbar_desc=pbar_desc,
+    )
 
 
 @weave.op
@@ -201,6 +164,7 @@ async def evaluate(
         step=step,
         concurrency=plan.concurrency,
         max_exceptions=plan.max_exceptions,
+        rollout_timeout_s=plan.rollout_timeout_s,
     )
     await score_trajectories(groups, scenarios, scorer, step=step, emails_sent=False)
     return groups, summarize_evaluation(groups, step, bootstrap_samples=bootstrap_samples, seed=plan.seed)
