@@ -26,6 +26,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from codreamer.paths import is_inside
 from codreamer.pipeline.evaluation import load_evaluations
 from codreamer.pipeline.history import read_history
 from codreamer.runs import ITERATIONS_FILE
@@ -60,6 +61,9 @@ def _best_step(steps: Iterable[int], scores: Mapping[int, float]) -> int | None:
 
 
 def _remove(folder: Path) -> bool:
+    if folder.is_symlink() or not is_inside(folder, folder.parent):
+        logger.warning("not deleting checkpoint {}: it is a link or resolves outside {}", folder, folder.parent)
+        return False
     trash = folder.with_name(f".deleting-{folder.name}")
     try:
         os.replace(folder, trash)

@@ -2,15 +2,22 @@
 
 `learn-loop` and `train` take every setting as a flag (`--help` lists them with their
 defaults); the same names work as `CODREAMER_*` environment variables or in `.env`.
+Secrets (`WANDB_API_KEY`, `CODREAMER_JUDGE_API_KEY`, `CODREAMER_EVENTS_SECRET`) are read from
+the environment or `.env` only: as flags they would show in `ps`, in shell history and in W&B's
+run metadata, so they are refused.
+
+A user error (a bad setting or file, a backend this machine cannot run, a corrupt run file:
+`codreamer.errors.UserError`) ends with one line on stderr and exit status 2 (usage) or 1;
+its traceback goes to the run's `run.log` only, when the run has a directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -19,15 +26,80 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from codreamer.config import Settings
-from codreamer.log import configure_logging
+from codreamer.errors import UsageError, UserError, cli_flag, describe_settings_error, env_name, is_secret_field, one_line
+from codreamer.log import configure_logging, current_log_file
+
+
+def secret_flags() -> dict[str, str]:
+    """`{--flag: ENV_NAME}` of every secret setting (the flags that are refused)."""
+    return {cli_flag(name): env_name(name) for name in Settings.model_fields if is_secret_field(name)}
+
+
+def refuse_secret_flags(args: Sequence[str]) -> None:
+    """UsageError for a secret given as a flag (`--wandb-api-key`, `--judge_api_key=...`, any case)."""
+    flags = secret_flags()
+    for arg in args:
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0].lower().replace("_", "-")
+        if arg.startswith("--") and name in flags:
+            env = flags[name]
+            raise UsageError(
+                f"{name} is not accepted on the command line (it would show in `ps`, shell history and W&B's "
+                f"run metadata); set {env} in the environment, or put a line {env}=... in .env"
+            )
+
+
+def settings_from(**values: object) -> Settings:
+    """Settings from the environment and .env (plus `values`); a bad one is a one-line UsageError."""
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise UsageError(f"invalid settings: {describe_settings_error(exc)}; fix the environment variable or the line in .env") from None
+    except SettingsError as exc:
+        raise UsageError(f"invalid settings: {one_line(exc)}") from None
 
 
 def _parse_settings(prog: str, description: str, argv: Sequence[str] | None) -> Settings:
     args = list(sys.argv[1:] if argv is None else argv)
+    refuse_secret_flags(args)
     try:
-        return Settings(_cli_parse_args=args, _cli_prog_name=prog, _cli_settings_source=None)  # type: ignore[call-arg]
-    except (ValidationError, SettingsError) as exc:
-        raise SystemExit(f"{prog}: invalid settings:\n{exc}") from None
+        return Settings(_cli_parse_args=args, _cli_prog_name=prog, _cli_settings_source=None, _cli_exit_on_error=False)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise UsageError(
+            f"invalid settings: {describe_settings_error(exc)}; fix the flag, the environment variable or the line in .env"
+        ) from None
+    except SettingsError as exc:  # an unknown flag, a flag without its value...
+        raise UsageError(f"{one_line(exc).removeprefix('error parsing CLI: ')} (see {prog} --help)") from None
+
+
+def _fail(prog: str, exc: BaseException, log_file: Path | None = None) -> int:
+    """Print ONE line for `exc` on stderr; its traceback goes to `log_file` (run.log) only.
+
+    A user error needs no traceback. Anything else is a bug: with a run.log the traceback is
+    there (the line says so), without one it is printed, so that it is not lost.
+    """
+    from loguru import logger
+
+    user = isinstance(exc, UserError)
+    message = str(exc) if user else f"{type(exc).__name__}: {exc}"
+    has_log = log_file is not None and current_log_file() == log_file
+    if has_log:
+        logger.opt(exception=exc).debug("{} failed: {}", prog, one_line(message))  # DEBUG: run.log only
+    elif not user:
+        traceback.print_exception(exc)
+    where = f" (details in {log_file})" if has_log and not user else ""
+    print(f"{prog}: error: {one_line(message)}{where}", file=sys.stderr)
+    return exc.exit_code if isinstance(exc, UserError) else 1
+
+
+def _guarded(prog: str, body: Callable[[], int]) -> int:
+    """Run an entry point's body with logging set up; user errors become one line + exit status."""
+    configure_logging()
+    try:
+        return body()
+    except UserError as exc:
+        return _fail(prog, exc)
 
 
 def _with_run_id(settings: Settings) -> Settings:
@@ -42,41 +114,49 @@ def _quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def _run(main: object, settings: Settings) -> int:
-    configure_logging()
+def _run(prog: str, main: object, settings: Settings) -> int:
     _quiet_library_noise()
-    from codreamer.runs import RUN_FILE, run_dir
+    from codreamer.backends.factory import check_backend_available
+    from codreamer.runs import LOG_FILE, RUN_FILE, run_dir
     from codreamer.tracking import init_tracking
 
+    directory = run_dir(settings, settings.run_id)  # type: ignore[arg-type]  # refuses ids that escape
+    check_backend_available(settings)  # `--backend local` on a CPU machine: one line, nothing written
     # Before the first op runs, so that the Weave tree starts at the loop itself; the loop's
     # own init_tracking call for this run id gets the same session back.
-    directory = run_dir(settings, settings.run_id)  # type: ignore[arg-type]
     init_tracking(settings, directory, settings.run_id, (directory / RUN_FILE).is_file())
     try:
         anyio.run(main)  # type: ignore[arg-type]
     except KeyboardInterrupt:
         logger.warning("interrupted; the last completed iteration and its checkpoint are kept")
         return 130
-    except Exception as exc:  # a clear last line instead of only a traceback
-        logger.opt(exception=exc).error("{}: {}", type(exc).__name__, exc)
-        return 1
+    except Exception as exc:  # one clear last line; the traceback is in run.log
+        return _fail(prog, exc, directory / LOG_FILE)
     return 0
 
 
 def learn_loop_main(argv: Sequence[str] | None = None) -> int:
     """Run the learning loop: iterations of generate, score, GRPO update, evaluate, log."""
-    settings = _with_run_id(_parse_settings("learn-loop", learn_loop_main.__doc__ or "", argv))
-    from codreamer.pipeline.loop import run_learning_loop
 
-    return _run(lambda: run_learning_loop(settings.iterations, settings.run_id, settings), settings)
+    def body() -> int:
+        settings = _with_run_id(_parse_settings("learn-loop", learn_loop_main.__doc__ or "", argv))
+        from codreamer.pipeline.loop import run_learning_loop
+
+        return _run("learn-loop", lambda: run_learning_loop(settings.iterations, settings.run_id, settings), settings)
+
+    return _guarded("learn-loop", body)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Plain training: epochs over the training scenarios, then a held-out evaluation."""
-    settings = _with_run_id(_parse_settings("train", train_main.__doc__ or "", argv))
-    from codreamer.pipeline.loop import run_training
 
-    return _run(lambda: run_training(settings), settings)
+    def body() -> int:
+        settings = _with_run_id(_parse_settings("train", train_main.__doc__ or "", argv))
+        from codreamer.pipeline.loop import run_training
+
+        return _run("train", lambda: run_training(settings), settings)
+
+    return _guarded("train", body)
 
 
 def _find_run(settings: Settings, run_id: str) -> Path | None:
@@ -127,14 +207,14 @@ def _cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     from codreamer.pipeline.history import read_history
-    from codreamer.runs import ITERATIONS_FILE, RUN_FILE
+    from codreamer.runs import ITERATIONS_FILE, read_run_file
 
     path = _find_run(settings, args.run_id)
     if path is None:
         return 2
-    meta = json.loads((path / RUN_FILE).read_text())
+    meta = read_run_file(path)  # RunFileError: one line naming the file
     records, skipped = read_history(path / ITERATIONS_FILE)
-    print(f"run {meta['run_id']} ({meta['kind']}, {meta['status']}) in {path}")
+    print(f"run {meta.get('run_id', path.name)} ({meta.get('kind', '?')}, {meta.get('status', '?')}) in {path}")
     for record in records:
         evaluation = record.get("eval/reward_mean")
         print(
@@ -173,7 +253,7 @@ def _cmd_serve_events(settings: Settings, args: argparse.Namespace) -> int:
     from codreamer.events.cli_commands import cmd_serve_events
 
     secret = settings.events_secret.get_secret_value() if settings.events_secret is not None else None
-    return cmd_serve_events(settings.resolved_events_path(), secret, args.host, args.port)
+    return cmd_serve_events(settings.resolved_events_path(), secret, args.host, args.port, settings.events_tolerance_s)
 
 
 def _cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
@@ -201,7 +281,8 @@ def codreamer_main(argv: Sequence[str] | None = None) -> int:
     )
     ingest.add_argument("file", help="a .jsonl or .csv file of outcome events")
     serve = verbs.add_parser(
-        "serve-events", help="receive outcome events over HTTP (HMAC-signed with CODREAMER_EVENTS_SECRET)"
+        "serve-events",
+        help="receive outcome events over HTTP (timestamp + body HMAC-signed with CODREAMER_EVENTS_SECRET, 32+ bytes)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8787, help="port (default: 8787)")
@@ -211,7 +292,6 @@ def codreamer_main(argv: Sequence[str] | None = None) -> int:
     analyze.add_argument("run_id", nargs="?", help="the run to analyse (default: the most recent)")
     analyze.add_argument("--last", type=int, help="analyse patterns across the last N runs instead")
     args = parser.parse_args(argv)
-    settings = Settings() if args.runs_dir is None else Settings(runs_dir=args.runs_dir)
     handlers = {
         "runs": _cmd_runs,
         "show": _cmd_show,
@@ -221,4 +301,9 @@ def codreamer_main(argv: Sequence[str] | None = None) -> int:
         "serve-events": _cmd_serve_events,
         "analyze": _cmd_analyze,
     }
-    return handlers[args.verb](settings, args)
+
+    def body() -> int:
+        settings = settings_from() if args.runs_dir is None else settings_from(runs_dir=args.runs_dir)
+        return handlers[args.verb](settings, args)
+
+    return _guarded("codreamer", body)

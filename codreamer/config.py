@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     )
     keep_best: bool = Field(default=True, description="Also keep the checkpoint with the best held-out reward.")
 
+    @field_validator("run_id", "project")
+    @classmethod
+    def _safe_folder_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Run ids and project names become folders: one plain name (`codreamer.paths.SAFE_NAME_PATTERN`)."""
+        from codreamer.paths import check_name
+
+        return value if value is None else check_name(value, "run id" if info.field_name == "run_id" else "project name")
+
     @field_validator("keep_last", mode="before")
     @classmethod
     def _keep_all(cls, value: object) -> object:
@@ -175,7 +183,12 @@ class Settings(BaseSettings):
         default=None, description="JSONL event log of online outcomes. Default: <runs-dir>/<project>/events.jsonl."
     )
     events_secret: CliSuppress[SecretStr | None] = Field(
-        default=None, description="Shared HMAC secret of the `codreamer serve-events` webhook. Never logged.", exclude=True
+        default=None,
+        description="Shared HMAC secret (at least 32 bytes) of the `codreamer serve-events` webhook. Never logged.",
+        exclude=True,
+    )
+    events_tolerance_s: float = Field(
+        default=300.0, gt=0, description="Webhook: refuse requests whose signed timestamp is further than this from now, seconds."
     )
     judge_model: str | None = Field(
         default=None, description="RULER judge as a litellm model name, e.g. openai/gpt-4.1-mini. Unset: no judge."

@@ -17,6 +17,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from codreamer.domain import Product, Prospect, Scenario, Split
+from codreamer.errors import UserError
 
 PROSPECTS_FILE = "prospects.jsonl"
 SPLITS_FILE = "splits.json"
@@ -24,7 +25,7 @@ PRODUCT_FILE = "product.json"
 SPLITS: tuple[Split, ...] = get_args(Split)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing or malformed; the message says which file, line and field."""
 
 

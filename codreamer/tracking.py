@@ -28,6 +28,9 @@ Decisions, and why:
 - The W&B run id is derived from the CoDreamer project and run id (`wandb_run_id`) with
   `resume="allow"`, so a resumed run continues the same W&B run (offline segments of one run
   are synced in start order by `wandb sync`). Its files live in `<run_dir>/wandb`.
+- W&B records no secret: the settings in its config exclude them, secrets are refused as
+  flags (so never in `sys.argv`), and the run collects no system metadata (`x_disable_meta`:
+  command line, host, program) and no code; wandb does not record the environment.
 - In every mode the run directory keeps the readable record: `iterations.jsonl`,
   `trace.jsonl` (`codreamer.local_trace`, which Weave cannot replace: it has no local-only
   mode) and the failures; `tracking.jsonl` says where each session's W&B data went.
@@ -439,6 +442,12 @@ def _wandb_kwargs(settings: Settings, run_dir: Path, run_id: str, mode: Mode) ->
             "console": "off",  # run.log in the run directory has the logs already
             "silent": True,
             "reinit": "create_new",
+            # No system metadata: it holds the process arguments (`sys.argv`, which could carry a
+            # secret, and goes into the .wandb file `wandb sync` uploads), host and program; the
+            # settings the run used are in its config. No code or diffs either.
+            "x_disable_meta": True,
+            "save_code": False,
+            "disable_code": True,
         },
     }
 

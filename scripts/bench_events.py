@@ -160,7 +160,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     logger.remove()
-    logger.add(sys.stderr, level="WARNING")
+    logger.add(sys.stderr, level="WARNING", diagnose=False)
     load = os.getloadavg()[0]
     print(f"event log benchmark: {args.events:,} events, {os.cpu_count()} CPU(s) visible, load average {load:.2f}")
     with tempfile.TemporaryDirectory(prefix="bench-events-") as tmp:

@@ -444,8 +444,9 @@ def _history(records: list[Any]) -> dict[int, dict[str, str]]:
 def test_offline_run_without_a_key_never_prompts_and_keeps_metrics_and_tables(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith(("WANDB_", "WEAVE_"))}
     env |= {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "cfg"), "WANDB_CACHE_DIR": str(tmp_path / "cache")}
+    env |= {"CODREAMER_JUDGE_API_KEY": "env-sentinel-judge-key", "CODREAMER_EVENTS_SECRET": "env-sentinel-events-secret"}
     done = subprocess.run(
-        [sys.executable, "-c", ENTRY, str(tmp_path / "runs"), "auto"],
+        [sys.executable, "-c", ENTRY, str(tmp_path / "runs"), "auto", "--argv-sentinel-secret"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -469,3 +470,8 @@ def test_offline_run_without_a_key_never_prompts_and_keeps_metrics_and_tables(tm
     sessions = [json.loads(line) for line in (wandb_dir.parent / TRACKING_FILE).read_text().splitlines()]
     assert [s["mode"] for s in sessions] == ["offline", "offline"] and sessions[1]["resumed"] is True
     assert sessions[0]["wandb_dir"] == str(first)
+    # W&B keeps neither the process arguments nor the environment's secrets (its metadata is off)
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"argv-sentinel-secret" not in data and b"env-sentinel" not in data, path

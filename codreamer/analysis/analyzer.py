@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from codreamer.analysis.categories import PRIORITY, FailureCategory, sort_categories
 from codreamer.analysis.collector import FAILURES_FILE, Failure, load_failures
+from codreamer.paths import check_name, is_inside, is_safe_name
 from codreamer.pipeline.history import read_history
 from codreamer.runs import ITERATIONS_FILE, RUN_FILE
 from codreamer.usage import KINDS, LLMPrices, UsageLedger, current_ledger, timed_llm_call, using_ledger
@@ -385,7 +386,10 @@ class FailureAnalyzer:
         dirs = [
             p
             for p in self.runs_root.iterdir()
-            if p.is_dir() and not p.name.startswith(("_", ".")) and ((p / RUN_FILE).is_file() or (p / FAILURES_FILE).is_file())
+            if p.is_dir()
+            and is_safe_name(p.name)  # not `_cross_run`, hidden folders or odd names
+            and is_inside(p, self.runs_root)  # no symlink out of the runs folder
+            and ((p / RUN_FILE).is_file() or (p / FAILURES_FILE).is_file())
         ]
 
         def created(path: Path) -> tuple[str, float, str]:
@@ -399,9 +403,8 @@ class FailureAnalyzer:
         return sorted(dirs, key=created)
 
     def run_dir(self, run_id: str) -> Path:
-        path = self.runs_root / run_id
-        unsafe = not run_id or run_id in {".", ".."} or "/" in run_id or "\\" in run_id
-        if unsafe or not path.is_dir() or not ((path / RUN_FILE).is_file() or (path / FAILURES_FILE).is_file()):
+        path = self.runs_root / check_name(run_id, "run id")  # UnsafePathError for `../x`, `/abs`, ...
+        if not is_inside(path, self.runs_root) or not path.is_dir() or not ((path / RUN_FILE).is_file() or (path / FAILURES_FILE).is_file()):
             known = ", ".join(p.name for p in self.run_dirs()[-5:]) or "none"
             raise FileNotFoundError(f"no run '{run_id}' under {self.runs_root} (recent runs: {known})")
         return path

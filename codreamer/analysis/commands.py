@@ -8,6 +8,7 @@ from pathlib import Path
 
 from codreamer.analysis.analyzer import AnalyzerJudgeConfig, CrossRunReport, FailureAnalyzer, RunFailureReport
 from codreamer.analysis.charts import plot_categories_over_iterations
+from codreamer.paths import UnsafePathError
 from codreamer.usage import LLMPrices
 
 __all__ = ["CROSS_RUN_DIR", "REPORT_FILE", "CHART_FILE", "cmd_analyze"]
@@ -55,7 +56,7 @@ def cmd_analyze(
             run_id = dirs[-1].name
         try:
             out_dir = analyzer.run_dir(run_id)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, UnsafePathError) as exc:
             print(f"analyze: {exc}", file=sys.stderr)
             return 2
         report = analyzer.analyze_run(run_id)

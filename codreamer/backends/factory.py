@@ -10,10 +10,27 @@ from __future__ import annotations
 from typing import Any
 
 from codreamer.config import Settings
+from codreamer.errors import UsageError
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UsageError, RuntimeError):
     """The chosen backend cannot run here; the message says why and what to do."""
+
+
+def check_backend_available(settings: Settings) -> None:
+    """Raise BackendUnavailable before anything is written when the backend cannot run here."""
+    if settings.backend == "local":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(
+                "backend 'local' (ART LocalBackend) needs a CUDA GPU and this machine has none; "
+                "use --backend embedded (the CPU default) or run on a GPU machine"
+            )
+    elif settings.backend == "serverless" and settings.wandb_api_key is None:
+        raise BackendUnavailable(
+            "backend 'serverless' trains on W&B and needs WANDB_API_KEY: set it in the environment or in .env"
+        )
 
 
 def create_backend(settings: Settings) -> Any:
@@ -32,18 +49,14 @@ def create_backend(settings: Settings) -> Any:
 
 
 def _local_backend(settings: Settings) -> Any:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("backend 'local' (ART LocalBackend) needs a CUDA GPU; use --backend embedded on CPU")
+    check_backend_available(settings)
     from art.local import LocalBackend
 
     return LocalBackend(path=str(settings.runs_dir))
 
 
 def _serverless_backend(settings: Settings) -> Any:
-    if settings.wandb_api_key is None:
-        raise BackendUnavailable("backend 'serverless' trains on W&B and needs WANDB_API_KEY")
+    check_backend_available(settings)
     from art.serverless.backend import ServerlessBackend
 
     return ServerlessBackend(api_key=settings.wandb_api_key.get_secret_value())

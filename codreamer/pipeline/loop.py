@@ -2,7 +2,7 @@
 
 Both open a run (directory, settings, data, backend, model), then chain the stages once per
 iteration and append one history record per iteration. Every completed stage is recorded in
-`state.json` (see `codreamer.pipeline.state`), so running again with the same `--run-id`
+`codreamer_state.json` (see `codreamer.pipeline.state`), so running again with the same `--run-id`
 continues with the first stage that did not complete: no iteration is trained twice and
 none is lost, even after `kill -9`. Every stage runs under a timeout from settings; what
 fails is recorded by the failure collector before the error propagates.
@@ -11,7 +11,6 @@ fails is recorded by the failure collector before the error propagates.
 from __future__ import annotations
 
 import asyncio
-import json
 import resource
 import shutil
 import time
@@ -30,9 +29,11 @@ from codreamer.analysis.collector import FailureCollector
 from codreamer.backends.factory import create_backend
 from codreamer.config import Settings
 from codreamer.data import TaskData, load_task_data
+from codreamer.errors import UsageError
 from codreamer.events.log import EventLog
 from codreamer.local_trace import recording_to, traced
 from codreamer.log import configure_logging
+from codreamer.paths import is_inside
 from codreamer.pipeline.evaluation import (
     EvalSummary,
     compare_evaluations,
@@ -70,7 +71,7 @@ from codreamer.pipeline.state import (
 from codreamer.retry import RetryCounter, counting_retries
 from codreamer.rewards.scoring import RewardScorer, ScoringSummary
 from codreamer.rewards.simulator import ProspectSimulator
-from codreamer.runs import ITERATIONS_FILE, LOG_FILE, RUN_FILE, new_run_id, run_dir, write_json_atomic
+from codreamer.runs import ITERATIONS_FILE, LOG_FILE, RUN_FILE, new_run_id, read_run_file, run_dir, write_json_atomic
 from codreamer.tracking import TrackingSession, init_tracking
 from codreamer.usage import UsageLedger, using_ledger
 
@@ -78,7 +79,7 @@ LoopKind = Literal["learn-loop", "train"]
 T = TypeVar("T")
 
 
-class ResumeConfigError(RuntimeError):
+class ResumeConfigError(UsageError, RuntimeError):
     """Settings that shape training differ from those the run was started with."""
 
 
@@ -128,8 +129,7 @@ def _public_settings(settings: Settings) -> dict[str, Any]:
 
 
 def _read_run_file(directory: Path) -> dict[str, Any]:
-    path = directory / RUN_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_run_file(directory)  # RunFileError (one line, with the path) when corrupt
 
 
 def _write_run_file(directory: Path, run_id: str, kind: LoopKind, settings: Settings, status: str) -> None:
@@ -178,7 +178,7 @@ def discard_uncommitted_checkpoints(directory: Path, state: RunState | None = No
         keep = state.step
     checkpoints = directory / "checkpoints"
     for folder in sorted(checkpoints.glob("[0-9][0-9][0-9][0-9]*")) if checkpoints.is_dir() else []:
-        if folder.is_dir() and folder.name.isdigit() and int(folder.name) > keep:
+        if folder.is_dir() and folder.name.isdigit() and int(folder.name) > keep and is_inside(folder, directory):
             logger.warning("removing checkpoint {} of an iteration that did not finish training", folder.name)
             shutil.rmtree(folder)
     return committed
@@ -346,7 +346,7 @@ def _collect_no_reply(run: Run, groups: list[art.TrajectoryGroup], iteration: in
 
 
 class _Progress:
-    """Saves `state.json` (and the iteration's timings) after each completed stage."""
+    """Saves the resume state (and the iteration's timings) after each completed stage."""
 
     def __init__(self, run: Run, iteration: int, step: int, timings: dict[str, float]) -> None:
         self.run, self.iteration, self.step, self.timings = run, iteration, step, timings
