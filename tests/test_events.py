@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import multiprocessing
 import os
@@ -23,13 +24,21 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from loguru import logger
 
+import codreamer.events.ingest as ingest_module
 import codreamer.events.log as event_log
 from codreamer.events import EventLog, OnlineOutcome
 from codreamer.events.cli_commands import cmd_ingest, cmd_serve_events
 from codreamer.events.ingest import IngestError, ingest_file
 from codreamer.events.log import CANONICAL_LINE
 from codreamer.events.models import to_epoch_us
-from codreamer.events.webhook import SIGNATURE_HEADER, build_webhook_app, serve_events, sign
+from codreamer.events.webhook import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    build_webhook_app,
+    serve_events,
+    sign,
+    signed_headers,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -237,6 +246,27 @@ def test_a_duplicate_id_with_other_content_keeps_the_first(log_path: Path) -> No
     assert summary is not None and not summary.replied
 
 
+def test_an_event_appended_again_after_a_refresh_counts_once(log_path: Path) -> None:
+    """The duplicate check across reads (`_drop_seen`'s slow path), not only within a chunk."""
+    log = EventLog(log_path)
+    log.append([outcome(1, "a", opened=True), outcome(2, "b")])
+    assert log.refresh().events == 2
+    # the same event id again, with other flags, plus a new event in the same chunk
+    log.append([outcome(1, "a", replied=True, meeting_booked=True), outcome(3, "a")])
+    stats = log.refresh()
+    assert (stats.events, stats.duplicates) == (1, 1)
+    summary = log.summary("a")
+    assert summary is not None and summary.event_count == 2  # ev-1 once, ev-3
+    assert summary.opened and not summary.replied and not summary.meeting_booked  # flags not merged twice
+    assert len(log) == 3 and log.totals.duplicates == 1
+    # and once more after a saved index, in a new process's view
+    log.save_index()
+    log.append([outcome(2, "b", bounced=True)])
+    reopened = EventLog.open(log_path)
+    b = reopened.summary("b")
+    assert b is not None and b.event_count == 1 and not b.bounced and reopened.totals.duplicates == 2
+
+
 def spy_on_parser(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, int]]:
     """Record (bytes parsed, file offset) of every chunk the log parses."""
     calls: list[tuple[bytes, int]] = []
@@ -311,6 +341,33 @@ def test_index_round_trip_and_incremental_open(log_path: Path, monkeypatch: pyte
     parsed = spy_on_parser(monkeypatch)
     again = EventLog.open(log_path)
     assert len(again) == 52 and parsed == [(log_path.read_bytes()[log.offset :], log.offset)]  # only the new lines
+
+
+def test_an_interrupted_index_write_leaves_no_temporary_file(log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = EventLog(log_path)
+    log.append([outcome(n) for n in range(5)])
+    log.refresh()
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C between the write and the rename
+
+    monkeypatch.setattr(event_log.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        log.save_index()
+    monkeypatch.undo()
+    assert [p.name for p in log_path.parent.iterdir()] == [log_path.name]
+
+    # a second Ctrl-C during that clean-up kills the process: the next start removes its file
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = log_path.parent / f".{log.index_path.name}.{dead.stdout.strip()}.0badf00d.tmp"
+    stale.write_text("{half an index")
+    mine = log_path.parent / f".{log.index_path.name}.{os.getpid()}.feedf00d.tmp"  # this process may still write it
+    mine.write_text("{")
+    reopened = EventLog.open(log_path)
+    assert len(reopened) == 5 and not stale.exists() and mine.exists()
+    mine.unlink()
+    assert reopened.save_index() == log.index_path
+    assert sorted(p.name for p in log_path.parent.iterdir()) == sorted([log_path.name, log.index_path.name])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "replace", "rewrite", "corrupt_index", "delete_log"])
@@ -503,14 +560,112 @@ def test_ingest_refuses_unusable_files(log_path: Path, tmp_path: Path, capsys: p
     assert cmd_ingest(log_path, nothing) == 1
 
 
+def _good_row(n: int) -> str:
+    return outcome(n, "deep", opened=True).model_dump_json()
+
+
+def test_ingest_counts_pathological_jsonl_lines_and_keeps_every_valid_row(
+    log_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest_module, "MAX_LINE_BYTES", 10_000)
+    source = tmp_path / "hostile.jsonl"
+    with source.open("wb") as handle:
+        handle.write(_good_row(1).encode() + b"\n")
+        handle.write(b"[" * 5000 + b"]" * 5000 + b"\n")  # line 2: 5,000 deep
+        handle.write(b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"\n")  # line 3: longer than the limit here
+        handle.write(b'{"a":' * 1500 + b"1" + b"}" * 1500 + b"\n")  # line 4: deep objects
+        handle.write(b'{"step": ' + b"9" * 5000 + b"}\n")  # line 5: a number Python will not convert
+        handle.write(b'{"event_id": "\xff\xfe"}\n')  # line 6: not UTF-8
+        handle.write(_good_row(2).encode() + b"\n")
+    errors: list[str] = []
+    report = ingest_file(source, EventLog.open(log_path), on_error=errors.append)
+    assert (report.rows, report.valid, report.appended, report.invalid) == (7, 2, 2, 5)
+    assert errors == report.errors and [e.split(": ", 1)[0] for e in errors] == [f"{source}:{n}" for n in (2, 3, 4, 5, 6)]
+    assert "nested too deeply" in errors[0] and "longer than 10000 bytes" in errors[1]
+    assert "nested too deeply" in errors[2] and "not UTF-8" in errors[4]
+    summary = EventLog.open(log_path).summary("deep")
+    assert summary is not None and summary.event_count == 2
+
+
+def test_ingest_a_csv_with_a_stray_quote_reports_that_line_and_keeps_the_rows_after_it(
+    log_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "stray.csv"
+    source.write_text(
+        "event_id,trajectory_id,prospect_id,step,timestamp,opened,note\n"
+        "e1,t1,p001,1,2025-01-01T10:00:00Z,yes,fine\n"
+        'e2,"t1,p001,1,2025-01-01T10:00:00Z,yes,opens a quote\n'
+        'e3,t1,p001,1,2025-01-01T10:00:00Z,yes,"quoted, with a comma and ""quotes"""\n'
+        'e4,t1,p001,1,2025-01-01T10:00:00Z,yes,"closed" then text\n'
+        "e5,t1,p001,1,2025-01-01T10:00:00Z,yes,fine\n"
+    )
+    assert cmd_ingest(log_path, source) == 0
+    captured = capsys.readouterr()
+    assert f"{source}:3: unreadable CSV: a quoted cell does not close on this line" in captured.err
+    assert f"{source}:5: unreadable CSV" in captured.err
+    assert "5 row(s), 3 valid (3 new" in captured.out
+    assert sorted(json.loads(line)["event_id"] for line in log_path.read_text().splitlines()) == ["e1", "e3", "e5"]
+
+
+def test_ingest_reports_every_bad_line_and_streams_the_file(log_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import tracemalloc
+
+    source = tmp_path / "mostly-bad.jsonl"
+    bad = '{"event_id": "x", "trajectory_id": "t", "prospect_id": "p", "step": -1, "timestamp": "2025-01-01T00:00:00Z", "pad": "' + "z" * 150 + '"}\n'
+    with source.open("w") as handle:
+        handle.write(_good_row(1) + "\n")
+        for _ in range(30_000):
+            handle.write(bad)
+        handle.write(_good_row(2) + "\n")
+    size = source.stat().st_size
+    assert size > 6_000_000
+    log = EventLog.open(log_path)
+    seen: list[int] = []
+    tracemalloc.start()
+    try:
+        report = ingest_file(source, log, on_error=lambda message: seen.append(len(message)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (report.valid, report.invalid, len(seen), len(report.errors)) == (2, 30_000, 30_000, ingest_module.MAX_ERRORS)
+    assert peak < size / 4, f"peak {peak} bytes for a {size}-byte file: not streamed"
+
+    assert cmd_ingest(log_path, source) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 30_000 and err[0].startswith(f"ingest: {source}:2: ") and err[-1].startswith(f"ingest: {source}:30001: ")
+
+
+def test_an_interrupted_ingest_keeps_the_rows_read_before(log_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "export.jsonl"
+    source.write_text("".join(_good_row(n) + "\n" for n in range(5)))
+    real = ingest_module._outcome
+    calls = 0
+
+    def fail_on_the_fourth(record: dict) -> OnlineOutcome:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise KeyboardInterrupt
+        return real(record)
+
+    monkeypatch.setattr(ingest_module, "_outcome", fail_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_file(source, EventLog.open(log_path), batch_size=1000)
+    assert len(EventLog.open(log_path)) == 3  # the three rows validated before the interruption
+    monkeypatch.undo()
+    again = ingest_file(source, EventLog.open(log_path))
+    assert (again.appended, again.duplicates) == (2, 3)
+
+
 # --- webhook ---------------------------------------------------------------------------------
 
-SECRET = "s3cret-for-tests-only"
+SECRET = "s3cret-for-tests-only-at-least-32-bytes"
+NOW = 1_750_000_000  # the server clock of these tests
 
 
 def post(app_log: EventLog, body: bytes, headers: dict[str, str], max_body_bytes: int = 1_000_000) -> tuple[int, dict]:
     async def scenario() -> tuple[int, dict]:
-        app = build_webhook_app(app_log, SECRET, max_body_bytes=max_body_bytes)
+        app = build_webhook_app(app_log, SECRET, max_body_bytes=max_body_bytes, clock=lambda: NOW)
         async with TestClient(TestServer(app)) as client:
             response = await client.post("/events", data=body, headers=headers)
             return response.status, await response.json()
@@ -518,8 +673,8 @@ def post(app_log: EventLog, body: bytes, headers: dict[str, str], max_body_bytes
     return asyncio.run(scenario())
 
 
-def signed(body: bytes) -> dict[str, str]:
-    return {SIGNATURE_HEADER: sign(body, SECRET), "Content-Type": "application/json"}
+def signed(body: bytes, at: int = NOW) -> dict[str, str]:
+    return signed_headers(body, SECRET, at)
 
 
 def test_webhook_accepts_signed_outcomes_once(log_path: Path, captured_logs: list[str]) -> None:
@@ -537,10 +692,23 @@ def test_webhook_accepts_signed_outcomes_once(log_path: Path, captured_logs: lis
 def test_webhook_refuses_bad_requests(log_path: Path, captured_logs: list[str]) -> None:
     log = EventLog(log_path)
     body = json.dumps([outcome(1).model_dump(mode="json")]).encode()
-    status, reply = post(log, body, {SIGNATURE_HEADER: "sha256=" + "0" * 64})
+    json_type = {"Content-Type": "application/json"}
+    status, reply = post(log, body, {**json_type, TIMESTAMP_HEADER: str(NOW), SIGNATURE_HEADER: "sha256=" + "0" * 64})
     assert status == 401 and SECRET not in json.dumps(reply)
-    assert post(log, body, {})[0] == 401
-    assert post(log, body, {SIGNATURE_HEADER: sign(body, "another-secret")})[0] == 401
+    assert post(log, body, json_type)[0] == 401
+    assert post(log, body, signed_headers(body, "another-secret-another-secret-xx", NOW))[0] == 401
+    unstamped = {**json_type, SIGNATURE_HEADER: sign(body, SECRET, NOW)}  # signed, but the time is not sent
+    assert post(log, body, unstamped)[0] == 401
+    restamped = {**signed(body), TIMESTAMP_HEADER: str(NOW + 1)}  # the time changed after signing
+    assert post(log, body, restamped)[0] == 401
+    body_only = "sha256=" + hmac.new(SECRET.encode(), body, "sha256").hexdigest()
+    assert post(log, body, {**signed(body), SIGNATURE_HEADER: body_only})[0] == 401  # the old scheme (body alone)
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {k: v for k, v in signed(body).items() if k != "Content-Type"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        status, reply = post(log, body, headers)
+        assert status == 415 and "application/json" in reply["error"]
 
     not_json = b"{nope"
     status, reply = post(log, not_json, signed(not_json))
@@ -550,6 +718,9 @@ def test_webhook_refuses_bad_requests(log_path: Path, captured_logs: list[str]) 
     assert status == 400 and reply["details"] == ["item 1: field step: Input should be greater than or equal to 0"]
     scalar = b"42"
     assert post(log, scalar, signed(scalar))[0] == 400
+    for hostile in (b"[" * 5000 + b"]" * 5000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b"1" * 5000, b"\xff\xfe{}", b"[{}, 1, null]"):
+        status, reply = post(log, hostile, signed(hostile))
+        assert status == 400, (hostile[:20], status, reply)
 
     big = json.dumps([outcome(n).model_dump(mode="json") for n in range(100)]).encode()
     status, reply = post(log, big, signed(big), max_body_bytes=2_000)
@@ -558,12 +729,30 @@ def test_webhook_refuses_bad_requests(log_path: Path, captured_logs: list[str]) 
     assert not any(SECRET in message for message in captured_logs)
 
 
-def test_the_webhook_needs_a_secret(log_path: Path) -> None:
+def test_a_replay_outside_the_window_is_refused(log_path: Path) -> None:
+    log = EventLog(log_path)
+    body = json.dumps([outcome(1).model_dump(mode="json")]).encode()
+    captured = signed(body, at=NOW - 301)  # captured 301 s ago (the window is 300 s)
+    status, reply = post(log, body, captured)
+    assert status == 401 and "300 s" in reply["error"] and not log_path.exists()
+    assert post(log, body, signed(body, at=NOW + 400))[0] == 401  # a clock far ahead
+    assert post(log, body, signed(body, at=NOW - 299)) == (200, {"accepted": 1, "duplicates": 0})
+    assert post(log, body, signed(body, at=NOW - 299)) == (200, {"accepted": 0, "duplicates": 1})  # in the window: counted once
+
+
+def test_the_webhook_needs_a_secret_of_32_bytes(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="secret"):
         build_webhook_app(EventLog(log_path), "")
     with pytest.raises(ValueError, match="secret"):
         asyncio.run(serve_events(EventLog(log_path), None))
     assert cmd_serve_events(log_path, None, "127.0.0.1", 8787) == 2
+    short = "x" * 31
+    with pytest.raises(ValueError, match="at least 32"):
+        build_webhook_app(EventLog(log_path), short)
+    assert cmd_serve_events(log_path, short, "127.0.0.1", 8787) == 2
+    err = capsys.readouterr().err
+    assert "at least 32" in err and short not in err and len(err.strip().splitlines()) == 2
+    assert not log_path.exists()
 
 
 def test_serve_events_on_a_real_loopback_port(log_path: Path) -> None:
@@ -578,7 +767,8 @@ def test_serve_events_on_a_real_loopback_port(log_path: Path) -> None:
             async with aiohttp.ClientSession() as session:
                 for _ in range(100):
                     try:
-                        async with session.post(f"http://127.0.0.1:{port}/events", data=body, headers=signed(body)) as response:
+                        headers = signed_headers(body, SECRET)  # the time now: a real server, a real clock
+                        async with session.post(f"http://127.0.0.1:{port}/events", data=body, headers=headers) as response:
                             return response.status
                     except aiohttp.ClientConnectorError:
                         await asyncio.sleep(0.05)

@@ -12,40 +12,42 @@ from pathlib import Path
 
 from codreamer.events.ingest import IngestError, ingest_file
 from codreamer.events.log import EventLog
-from codreamer.events.webhook import serve_events
+from codreamer.events.webhook import DEFAULT_TOLERANCE_S, check_secret, serve_events
 
-SHOWN_ERRORS = 10
 
 
 def cmd_ingest(log_path: Path, file: Path) -> int:
-    """Ingest `file` into the log at `log_path`. Exit 0 if any row was valid, 1 if none was,
-    2 if the file cannot be read (or its CSV header is unusable)."""
+    """Ingest `file` into the log at `log_path`. Every bad row is reported on stderr as it is
+    read (`file:line: field: reason`), then a summary on stdout. Exit 0 if any row was valid,
+    1 if none was, 2 if the file cannot be read (or its CSV header is unusable)."""
     log = EventLog.open(log_path)
     try:
-        report = ingest_file(file, log)
+        report = ingest_file(file, log, on_error=lambda message: print(f"ingest: {message}", file=sys.stderr))
     except IngestError as exc:
         print(f"ingest: {exc}", file=sys.stderr)
         return 2
+    finally:
+        log.save_index()
     print(
         f"{file} ({report.format}): {report.rows} row(s), {report.valid} valid "
         f"({report.appended} new, {report.duplicates} already in {log_path}), {report.invalid} invalid"
     )
-    for message in report.errors[:SHOWN_ERRORS]:
-        print(f"  {message}")
-    if report.invalid > SHOWN_ERRORS:
-        print(f"  ... and {report.invalid - SHOWN_ERRORS} more invalid row(s)")
-    log.save_index()
     return 0 if report.valid else 1
 
 
-def cmd_serve_events(log_path: Path, secret: str | None, host: str, port: int) -> int:
-    """Serve the events webhook into `log_path` until Ctrl-C. Exit 2 without a secret."""
-    if not secret:
-        print("serve-events: a shared secret is required to verify senders (none was given)", file=sys.stderr)
+def cmd_serve_events(
+    log_path: Path, secret: str | None, host: str, port: int, tolerance_s: float = DEFAULT_TOLERANCE_S
+) -> int:
+    """Serve the events webhook into `log_path` until Ctrl-C. Exit 2 without a secret of at
+    least 32 bytes (CODREAMER_EVENTS_SECRET)."""
+    try:
+        check_secret(secret)
+    except ValueError as exc:
+        print(f"serve-events: {exc}", file=sys.stderr)
         return 2
     log = EventLog.open(log_path)
     try:
-        asyncio.run(serve_events(log, secret, host, port))
+        asyncio.run(serve_events(log, secret, host, port, tolerance_s=tolerance_s))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # the port is taken, the address is not ours...

@@ -345,6 +345,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextmanager
 def _append_lock(path: Path) -> Iterator[int]:
     """The log opened for appending, under an exclusive flock (released on close)."""
@@ -628,18 +638,30 @@ class EventLog:
             first_us=list(columns[2]),
             last_us=list(columns[3]),
         )
-        temporary = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(index.model_dump_json().encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.index_path)
+        temporary = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(index.model_dump_json().encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.index_path)
+        finally:  # interrupted (Ctrl-C) before the rename: no temporary file left behind
+            temporary.unlink(missing_ok=True)
         _fsync_dir(self.index_path.parent)
         return self.index_path
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary index files of processes that died mid-write (e.g. two quick Ctrl-Cs)."""
+        for path in self.index_path.parent.glob(f".{self.index_path.name}.*.tmp"):
+            pid = path.name.removeprefix(f".{self.index_path.name}.").split(".")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+                path.unlink(missing_ok=True)
+                logger.debug("{}: removed {} left by a writer that died", self.path, path.name)
 
     def load_index(self) -> bool:
         """Replace the in-memory state by the saved index if it is readable and still describes
         this log; else keep it (a stale or broken index only costs a full read: just logged)."""
+        self._remove_stale_temporaries()
         index = self._read_index()
         if index is None:
             return False
