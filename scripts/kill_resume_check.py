@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+STATE_FILE = "codreamer_state.json"  # codreamer.pipeline.state.STATE_FILE (not imported: it imports ART)
+
 SMALL = [
     "--group-size", "2", "--scenarios-per-step", "1", "--max-turns", "2", "--max-tokens", "16",
     "--eval-scenarios", "1", "--eval-samples", "1", "--no-wandb",
@@ -57,7 +59,7 @@ def _history(runs: Path, run_id: str) -> list[dict[str, Any]]:
 
 
 def _stage(runs: Path, run_id: str) -> str:
-    path = runs / "codreamer" / "models" / run_id / "state.json"
+    path = runs / "codreamer" / "models" / run_id / STATE_FILE
     try:
         state = json.loads(path.read_text())
         return f"iteration {state['iteration'] + 1} after '{state['stage']}'"

@@ -1,6 +1,6 @@
 """`kill -9` in the middle of an iteration, then the same command again (real model, slow).
 
-The loop runs in a child process; the test watches `state.json` and kills the child with
+The loop runs in a child process; the test watches the resume state file and kills the child with
 SIGKILL as soon as the iteration's training step is saved (before its history record),
 then starts the same command again. The resumed run must finish the iteration without
 training it a second time (its log says so and the step stays 1), and the history must hold
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from codreamer.pipeline.history import read_history
+from codreamer.pipeline.state import STATE_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def test_sigkill_after_training_resumes_without_training_twice(tmp_path: Path) -
     child = _start(tmp_path)
     deadline = time.monotonic() + 600
     try:
-        while _stage(directory / "state.json") not in ("trained", "evaluated") and child.poll() is None:
+        while _stage(directory / STATE_FILE) not in ("trained", "evaluated") and child.poll() is None:
             assert time.monotonic() < deadline, "the loop never reached the trained stage"
             time.sleep(0.05)
         assert child.poll() is None, "the loop finished before it could be killed"

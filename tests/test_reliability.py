@@ -25,7 +25,9 @@ from codreamer.pipeline.loop import ResumeConfigError, check_resume_settings, di
 from codreamer.pipeline.fanout import RolloutFailuresError
 from codreamer.pipeline.stages import RolloutPlan, generate_trajectories, grpo_update
 from codreamer.pipeline.state import (
+    STATE_FILE,
     RunState,
+    RunStateError,
     changed_settings,
     config_hash,
     dump_groups,
@@ -241,8 +243,60 @@ def test_state_is_written_atomically_and_read_back(tmp_path: Path) -> None:
     state = RunState(run_id="r", iteration=2, stage="trained", step=3, seed=1, config_hash="abc", events_offset=10)
     save_state(tmp_path, state)
     assert load_state(tmp_path) == state
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temporary file left behind
+    assert STATE_FILE != "state.json"  # ART's file in the same model directory
     assert state.reached("scored") and not state.reached("evaluated")
+
+
+@pytest.mark.anyio
+async def test_our_resume_state_and_arts_state_survive_each_other(tmp_path: Path) -> None:
+    """ART's `model.log` re-writes its `state.json` (merge_state) between two of our stage writes."""
+    model = art.TrainableModel(
+        name="r", project="p", base_model="x", base_path=str(tmp_path), run_name="r", report_metrics=[]
+    )
+    directory = tmp_path / "p" / "models" / "r"
+    state = RunState(run_id="r", iteration=0, stage="generated", step=0, seed=1, config_hash="abc")
+    save_state(directory, state)
+    await model.log(metrics={"train/loss": 1.0}, step=1)  # ART: read, deep-merge, plain open("w")
+    arts = model.read_state()
+    assert arts is not None and "_metrics_builder_state" in arts and "stage" not in arts
+    assert load_state(directory) == state  # ART's write did not touch ours
+
+    trained = state.model_copy(update={"stage": "trained", "step": 1})
+    save_state(directory, trained)
+    assert model.read_state() == arts  # our write did not erase ART's metrics-builder state
+    assert load_state(directory) == trained
+    await model.log(metrics={"train/loss": 0.5}, step=2)
+    assert load_state(directory) == trained and "_metrics_builder_state" in (model.read_state() or {})
+
+
+def test_a_state_left_in_arts_file_is_migrated_and_arts_keys_stay(tmp_path: Path) -> None:
+    old = RunState(run_id="r", iteration=1, stage="scored", step=1, seed=0, config_hash="abc", events_offset=5)
+    arts = {"_metrics_builder_state": {"cum_state": {"x": 1}, "unique_scenario_ids": []}}
+    (tmp_path / "state.json").write_text(json.dumps({**old.model_dump(mode="json"), **arts}))
+    assert load_state(tmp_path) == old
+    assert json.loads((tmp_path / STATE_FILE).read_text()) == old.model_dump(mode="json")
+    assert json.loads((tmp_path / "state.json").read_text()) == arts  # ART's part, where ART reads it
+    assert load_state(tmp_path) == old  # idempotent
+
+    only_ours = tmp_path / "only-ours"
+    only_ours.mkdir()
+    (only_ours / "state.json").write_text(old.model_dump_json())
+    assert load_state(only_ours) == old and not (only_ours / "state.json").exists()
+
+    arts_only = tmp_path / "arts-only"
+    arts_only.mkdir()
+    (arts_only / "state.json").write_text(json.dumps(arts))
+    assert load_state(arts_only) is None and json.loads((arts_only / "state.json").read_text()) == arts
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"run_id": "r", "iteration": -1}', "[]"])
+def test_a_corrupt_state_file_is_one_clear_error_naming_it(tmp_path: Path, content: str) -> None:
+    (tmp_path / STATE_FILE).write_text(content)
+    with pytest.raises(RunStateError) as caught:
+        load_state(tmp_path)
+    message = str(caught.value)
+    assert str(tmp_path / STATE_FILE) in message and "delete it" in message and "\n" not in message
 
 
 def test_changed_training_settings_are_refused_unless_forced(tmp_path: Path) -> None:

@@ -1,14 +1,20 @@
 """Resumable loop state: where an interrupted run stopped, down to the stage.
 
-After every completed stage the loop writes `state.json` atomically (temporary file, fsync,
-rename), and the outputs a later stage needs (the scored groups, the training result) as a
+After every completed stage the loop writes `codreamer_state.json` atomically (temporary
+file, fsync, rename), and the outputs a later stage needs (the scored groups, the training result) as a
 work file of the iteration, also atomically. A run started again with the same `--run-id`
 reads both and continues with the first stage that did not complete:
 
     started -> generated -> scored -> trained -> evaluated -> (history record) committed
 
+The file is ours alone: ART keeps its own `state.json` in the same model directory (`model.log`
+-> `merge_state` re-writes it, not atomically, with its metrics-builder state), so sharing it
+lost ART's cumulative metrics at our next write and put our resume state at the mercy of ART's
+writes. A run whose resume state is still in the old shared `state.json` is migrated on
+resume: our keys move to `codreamer_state.json`, ART's keys stay where ART reads them.
+
 The history (`iterations.jsonl`) stays the source of truth for committed iterations: a
-record there means the iteration is done whatever `state.json` says (a kill between the
+record there means the iteration is done whatever the state file says (a kill between the
 record and the state write). `trained` is the only stage with a side effect outside the run
 directory's files (the checkpoint, saved atomically by the backend before the state says
 `trained`), so a resumed run never trains an iteration twice: either the checkpoint of that
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,12 +36,16 @@ from typing import Any, Literal
 
 import art
 from openai.types.chat.chat_completion import Choice
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+
+from loguru import logger
 
 from codreamer.config import Settings
-from codreamer.runs import write_json_atomic
+from codreamer.runs import RunFileError, read_json_file, write_json_atomic
 
-STATE_FILE = "state.json"
+STATE_FILE = "codreamer_state.json"
+LEGACY_STATE_FILE = "state.json"
+"""Where the state was kept before: ART's own state file (`art.Model.merge_state`)."""
 WORK_DIR = "work"
 
 Stage = Literal["started", "generated", "scored", "trained", "evaluated"]
@@ -49,14 +60,19 @@ RESUME_FREE_SETTINGS = frozenset(
         "judge_timeout_s", "judge_attempts", "wandb", "weave_project", "wandb_api_key", "wandb_project",
         "wandb_entity", "wandb_mode", "tracking_timeout_s", "inference_attempts", "retry_initial_s", "retry_max_s",
         "rollout_timeout_s", "generate_timeout_s", "score_timeout_s", "train_timeout_s", "evaluate_timeout_s",
+        "torch_threads", "events_tolerance_s",
         "keep_last", "keep_best", "policy_price_usd_per_mtok_in", "policy_price_usd_per_mtok_out",
         "judge_price_usd_per_mtok_in", "judge_price_usd_per_mtok_out", "low_reward_threshold",
     }
 )  # fmt: skip
 
 
+class RunStateError(RunFileError):
+    """The resume state file cannot be read; the message names it and what to do."""
+
+
 class RunState(BaseModel):
-    """What `state.json` holds: the last completed stage of the iteration in progress."""
+    """What `codreamer_state.json` holds: the last completed stage of the iteration in progress."""
 
     run_id: str
     iteration: int = Field(ge=0, description="0-based index of the iteration in progress.")
@@ -94,13 +110,54 @@ def changed_settings(recorded: dict[str, Any], settings: Settings) -> dict[str, 
 
 
 def load_state(run_dir: Path) -> RunState | None:
+    """The run's resume state (migrating one left in ART's `state.json`), or None when there is none.
+
+    RunStateError (one line, with the path) when the file is corrupt.
+    """
     path = run_dir / STATE_FILE
     if not path.is_file():
+        return _migrate_legacy_state(run_dir)
+    remedy = "delete it to restart the interrupted iteration from the history"
+    try:
+        return RunState.model_validate(read_json_file(path, "the resume state", remedy))
+    except RunFileError as exc:
+        raise RunStateError(str(exc)) from None
+    except ValidationError as exc:  # written atomically, so only a hand edit gets here
+        problem = "; ".join(f"field {'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise RunStateError(f"{path}: the resume state is invalid ({problem}); {remedy}") from None
+
+
+def _migrate_legacy_state(run_dir: Path) -> RunState | None:
+    """Move our keys out of ART's `state.json` (a run started before the files were split).
+
+    The old file holds our RunState keys, and perhaps ART's (its metrics-builder state, merged
+    in by `model.log`). Ours go to `codreamer_state.json`; the rest stays in `state.json` for
+    ART (the file is removed when nothing is left). A `state.json` without our keys is ART's
+    and is left alone.
+    """
+    legacy = run_dir / LEGACY_STATE_FILE
+    if not legacy.is_file():
         return None
     try:
-        return RunState.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # written atomically, so only a hand edit gets here
-        raise ValueError(f"{path}: unreadable run state ({exc}); delete it to restart from the history") from None
+        data = json.loads(legacy.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # ART's file, and not ours to judge
+    ours = set(RunState.model_fields)
+    required = {name for name, field in RunState.model_fields.items() if field.is_required()}
+    if not isinstance(data, dict) or not required <= data.keys():
+        return None
+    try:
+        state = RunState.model_validate({k: v for k, v in data.items() if k in ours})
+    except ValueError:
+        return None
+    save_state(run_dir, state)
+    rest = {k: v for k, v in data.items() if k not in ours}
+    if rest:
+        write_json_atomic(legacy, rest)
+    else:
+        os.unlink(legacy)
+    logger.info("moved the resume state from {} to {} (ART keeps {})", legacy.name, STATE_FILE, legacy.name)
+    return state
 
 
 def save_state(run_dir: Path, state: RunState) -> None:
