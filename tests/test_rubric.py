@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from codreamer.domain import Company, Email, Product, Prospect
-from codreamer.rewards.rubric import PART_NAMES, RubricScore, RubricWeights, score_email
+from codreamer.rewards.rubric import GATE, PART_NAMES, WEIGHTED_PARTS, RubricScore, RubricWeights, score_email
 
 PROSPECT = Prospect(
     prospect_id="p001",
@@ -63,7 +63,9 @@ Best,
 Sam""",
 )
 
-# Realistic failures of a small policy, each a different kind of broken.
+# Realistic failures of a small policy, each a different kind of broken. The first five are
+# still emails (flawed ones); "tool_leak" and "repeated" are not emails at all.
+NOT_EMAILS = ("tool_leak", "repeated")
 BAD_EMAILS = {
     "hallucinated": Email(
         subject="Denver hub",
@@ -114,7 +116,7 @@ def score(email: Email, weights: RubricWeights | None = None) -> RubricScore:
 
 def test_good_email_scores_high_and_reports_every_part() -> None:
     result = score(GOOD)
-    assert [p.name for p in result.parts] == list(PART_NAMES)
+    assert [p.name for p in result.parts] == list(PART_NAMES) == [GATE, *WEIGHTED_PARTS]
     assert result.total > 0.75
     for part in result.parts:
         assert part.explanation
@@ -215,21 +217,33 @@ def test_call_to_action_is_graded() -> None:
     assert cta("RouteWise plans routes.") == 0.0
 
 
-def test_total_is_weighted_mean_of_parts() -> None:
+def test_total_is_the_gate_times_the_weighted_mean_of_the_other_parts() -> None:
     weights = RubricWeights(personalization=3, call_to_action=0, length=1, subject=1)
     for email in (GOOD, *BAD_EMAILS.values()):
         for result in (score(email), score(email, weights)):
-            expected = sum(p.score * p.weight for p in result.parts) / sum(p.weight for p in result.parts)
-            assert result.total == pytest.approx(expected)
+            gate, weighted = result.parts[0], result.parts[1:]
+            assert gate.name == GATE and gate.gate and gate.weight == 0
+            assert not any(p.gate for p in weighted)
+            mean = sum(p.score * p.weight for p in weighted) / sum(p.weight for p in weighted)
+            assert result.total == pytest.approx(gate.score * mean, abs=1e-4)
     assert score(GOOD, weights).part("personalization").weight == 3
-    assert sum(getattr(RubricWeights(), n) for n in PART_NAMES) == pytest.approx(1.0)
+    assert sum(getattr(RubricWeights(), n) for n in WEIGHTED_PARTS) == pytest.approx(1.0)
+
+
+def test_the_gate_is_a_part_with_a_metric_and_a_reason() -> None:
+    good, leak = score(GOOD), score(BAD_EMAILS["tool_leak"])
+    assert good.as_metrics()[f"rubric/{GATE}"] == good.part(GATE).score >= 0.95
+    assert leak.as_metrics()[f"rubric/{GATE}"] == leak.part(GATE).score < 0.05
+    assert "leaked JSON" in leak.part(GATE).explanation
+    # The hygiene parts keep their own score (for analysis), but pay nothing to a non-email.
+    assert leak.part("no_spam").score == 1.0 and leak.total <= 0.15
 
 
 def test_weights_are_validated() -> None:
     with pytest.raises(ValidationError):
         RubricWeights(personalization=-1)
     with pytest.raises(ValidationError):
-        RubricWeights(**{n: 0 for n in PART_NAMES})
+        RubricWeights(**{n: 0 for n in WEIGHTED_PARTS})
 
 
 def test_deterministic() -> None:
@@ -247,7 +261,10 @@ def test_scores_stay_in_range_for_weird_inputs(text: str) -> None:
 
 
 def test_bad_emails_get_distinct_graded_totals() -> None:
-    totals = {name: score(email).total for name, email in BAD_EMAILS.items()}
+    totals = {name: score(email).total for name, email in BAD_EMAILS.items() if name not in NOT_EMAILS}
     assert len(set(totals.values())) == len(totals), totals
     good = score(GOOD).total
     assert all(0.0 < t < good for t in totals.values()), totals
+    assert totals["generic"] > max(totals[n] for n in ("spam", "truncated", "placeholder")), totals
+    for name in NOT_EMAILS:  # not emails at all: no credit for the faults they lack
+        assert score(BAD_EMAILS[name]).total <= 0.15, name

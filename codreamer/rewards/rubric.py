@@ -5,7 +5,16 @@ leaked tool-call markup). Every part therefore gives graded partial credit, so t
 sees different rewards inside a group, and every function accepts any string without
 raising. Pure functions, no I/O; the regexes are compiled once at import.
 
-Parts (each in [0, 1], combined as a weighted mean, see `RubricWeights`):
+The total is ``email_form`` x the weighted mean of the other parts (see `RubricWeights`):
+
+- ``email_form`` (a gate, not weighted; `codreamer.rewards.email_form`): is this an email to
+  THIS prospect at all: English prose in order, a greeting with the prospect's name, their
+  company, a sign-off, no assistant chatter, no prompt echo, no leaked JSON. Word salad,
+  repeated tokens, chatter and emails written for someone else score ~0 here, so the parts
+  that credit the absence of a fault (no_spam, clean_format, no_hallucination, and the
+  subject that rollouts auto-fill from the body) pay nothing to a text that is not an email.
+
+Weighted parts (each in [0, 1]):
 
 - ``personalization``: first name, company, a pain point, the recent news, title/industry.
 - ``call_to_action``: a clear ask (a question that contains a CTA verb/phrase).
@@ -32,10 +41,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from codreamer.domain import Email, Product, Prospect
 from codreamer.local_trace import traced
+from codreamer.rewards.email_form import email_form
 
-__all__ = ["PART_NAMES", "RubricPart", "RubricScore", "RubricWeights", "score_email"]
+__all__ = ["GATE", "PART_NAMES", "WEIGHTED_PARTS", "RubricPart", "RubricScore", "RubricWeights", "score_email"]
 
-PART_NAMES: tuple[str, ...] = (
+#: The part that multiplies the weighted mean of the others (see `codreamer.rewards.email_form`).
+GATE = "email_form"
+
+#: The parts combined as a weighted mean; each is a field of `RubricWeights`.
+WEIGHTED_PARTS: tuple[str, ...] = (
     "personalization",
     "call_to_action",
     "length",
@@ -45,21 +59,28 @@ PART_NAMES: tuple[str, ...] = (
     "clean_format",
 )
 
+#: Every part of a `RubricScore`, in order: the gate first, then the weighted parts.
+PART_NAMES: tuple[str, ...] = (GATE, *WEIGHTED_PARTS)
+
 
 # --------------------------------------------------------------------------- models
 
 
 class RubricPart(BaseModel):
-    """One scored criterion with a short human explanation."""
+    """One scored criterion with a short human explanation.
+
+    A gate part (``gate=True``, weight 0) multiplies the total instead of being averaged in.
+    """
 
     name: str
     score: float = Field(ge=0.0, le=1.0)
     weight: float = Field(ge=0.0)
     explanation: str
+    gate: bool = False
 
 
 class RubricScore(BaseModel):
-    """All parts and their weighted mean."""
+    """All parts and the total: the gate times the weighted mean of the other parts."""
 
     parts: list[RubricPart]
     total: float = Field(ge=0.0, le=1.0)
@@ -93,7 +114,7 @@ class RubricWeights(BaseModel):
 
     @model_validator(mode="after")
     def _positive_sum(self) -> RubricWeights:
-        if sum(getattr(self, n) for n in PART_NAMES) <= 0:
+        if sum(getattr(self, n) for n in WEIGHTED_PARTS) <= 0:
             raise ValueError("at least one rubric weight must be positive")
         return self
 
@@ -271,11 +292,16 @@ class _Facts:
         self.numbers = frozenset(m.group(2).replace(",", "") for m in _NUMBER_RE.finditer(text))
         self.emails = frozenset({prospect.email.lower()})
 
-    def knows_word(self, word: str) -> bool:
+    def knows_word(self, word: str, *, exact: bool = False) -> bool:
+        """Is `word` a common word or one of the facts (by stem; by exact word if `exact`)."""
         w = word.lower().replace("’", "'").strip("'-&")
         if w.endswith("'s"):
             w = w[:-2]
-        return not w or w in _COMMON or w in self.words or _stem(w) in self.stems
+        return not w or w in _COMMON or w in self.words or (not exact and _stem(w) in self.stems)
+
+    def names_word(self, word: str) -> bool:
+        """`knows_word` without stemming: "Peoplewell" is not "people"; for telling names apart."""
+        return self.knows_word(word, exact=True)
 
 
 # --------------------------------------------------------------------------- parts
@@ -522,7 +548,12 @@ def _clean_format(body: str, subject: str, body_words: list[str]) -> tuple[float
 def score_email(
     email: Email, prospect: Prospect, product: Product, weights: RubricWeights = RubricWeights()
 ) -> RubricScore:
-    """Score `email` for `prospect` and `product`; never raises on any subject/body string."""
+    """Score `email` for `prospect` and `product`; never raises on any subject/body string.
+
+    total = email_form x (weighted mean of the other parts): the weighted parts say how good
+    an email is, the gate says whether it is an email to this prospect at all, so that
+    "no spam, no invented names" is only worth something in a real email.
+    """
     subject = email.subject if isinstance(email.subject, str) else ""
     body = email.body if isinstance(email.body, str) else ""
     content = _MARKUP_RE.sub(" ", body)  # the prose without leaked markup, for the content parts
@@ -546,9 +577,17 @@ def score_email(
         raw["no_spam"] = _no_spam(text, _joined(text_words), facts)
         raw["clean_format"] = _clean_format(body, subject, body_words)
 
-    parts = [
+    form = email_form(body, prospect, product, facts.names_word)
+    gate = RubricPart(
+        name=GATE,
+        score=_clip(form.score),
+        weight=0.0,
+        gate=True,
+        explanation=f"gate x{form.score:.2f}: {form.explanation}",
+    )
+    weighted = [
         RubricPart(name=n, score=_clip(raw[n][0]), weight=getattr(weights, n), explanation=raw[n][1])
-        for n in PART_NAMES
+        for n in WEIGHTED_PARTS
     ]
-    total = sum(p.score * p.weight for p in parts) / sum(p.weight for p in parts)
-    return RubricScore(parts=parts, total=min(1.0, max(0.0, total)))
+    mean = sum(p.score * p.weight for p in weighted) / sum(p.weight for p in weighted)
+    return RubricScore(parts=[gate, *weighted], total=min(1.0, max(0.0, gate.score * mean)))
