@@ -282,3 +282,34 @@ def test_codreamer_verbs_print_no_debug_noise(tmp_path: Path, capsys: pytest.Cap
     assert codreamer_main(["--runs-dir", str(tmp_path / "runs"), "ingest", str(source)]) == 0  # loads the index
     captured = capsys.readouterr()
     assert "DEBUG" not in captured.err and "1 valid (0 new, 1 already" in captured.out
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+
+def test_the_embedded_backend_gets_the_threads_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import codreamer.backends.embedded.backend as embedded
+    from codreamer.backends import factory
+
+    built: list[dict[str, object]] = []
+
+    class Recorder:  # stands in for EmbeddedBackend: records what the factory passes
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            built.append(kwargs)
+
+    monkeypatch.setattr(embedded, "EmbeddedBackend", Recorder)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(factory.os, "sched_getaffinity", lambda _pid: {0, 3, 5})
+    monkeypatch.setattr(factory.Path, "read_text", lambda self, *a, **k: "max 100000\n")
+    factory.create_backend(Settings())
+    assert built[-1]["threads"] == 3  # the cores this process is pinned to, not the machine's
+    monkeypatch.setattr(factory.Path, "read_text", lambda self, *a, **k: "150000 100000\n")
+    factory.create_backend(Settings())
+    assert built[-1]["threads"] == 2  # a container's quota of 1.5 CPUs
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    factory.create_backend(Settings())
+    assert built[-1]["threads"] == 1
+    factory.create_backend(Settings(torch_threads=4))
+    assert built[-1]["threads"] == 4  # the setting wins
+    with pytest.raises(ValueError, match="torch_threads"):
+        Settings(torch_threads=0)

@@ -410,3 +410,78 @@ async def test_malformed_tools_or_messages_get_400_not_500(policy: Policy, body:
             response = await http.post("/chat/completions", json={"model": MODEL, **body})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+class BlockingSpy:
+    """Wraps `policy.sample`: records each call's prompts; the first call waits for `release`."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.real = policy.sample
+        self.calls: list[list[list[int]]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, prompts: list[list[int]], *args: Any, **kwargs: Any) -> list[Sample]:
+        self.calls.append([list(p) for p in prompts])
+        if len(self.calls) == 1:
+            self.entered.set()
+            assert self.release.wait(20), "never released"
+        return self.real(prompts, *args, **kwargs)
+
+
+async def _until(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.anyio
+async def test_a_request_whose_client_disconnected_is_not_generated_for(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server is busy; a client gives up (times out, closes its connection) while its request
+    waits in the queue: the sampler never sees that prompt, the next request is served."""
+    spy = BlockingSpy(policy)
+    monkeypatch.setattr(policy, "sample", spy)
+    async with serve(policy) as (server, client):
+        busy = asyncio.create_task(
+            client.chat.completions.create(model=MODEL, messages=messages_for("busy"), max_tokens=3, temperature=0)
+        )
+        try:
+            await _until(spy.entered.is_set)
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            body = {"model": MODEL, "messages": messages_for("abandoned"), "max_tokens": 3}
+            async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=0.3) as impatient:
+                with pytest.raises(httpx.ReadTimeout):
+                    await impatient.post("/chat/completions", json=body)
+            await _until(lambda: server.requests_abandoned == 1, timeout_s=5.0)
+        finally:
+            spy.release.set()
+        assert len((await busy).choices) == 1
+        later = await client.chat.completions.create(model=MODEL, messages=messages_for("later"), max_tokens=3)
+        assert len(later.choices) == 1
+    sampled = [prompt for call in spy.calls for prompt in call]
+    assert rendered(messages_for("abandoned")) not in sampled
+    assert sampled == [rendered(messages_for("busy")), rendered(messages_for("later"))]
+    assert server.batcher.skipped == 1 and server.requests_served == 2
+
+
+@pytest.mark.anyio
+async def test_the_batcher_skips_cancelled_callers_before_sampling(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = BlockingSpy(policy)
+    monkeypatch.setattr(policy, "sample", spy)
+    batcher = SamplingBatcher(policy, max_batch=8, window_s=0.01)
+    batcher.start()
+    try:
+        first = asyncio.create_task(batcher.sample([5, 6], 1, 3, 0.0, None))
+        await _until(spy.entered.is_set)
+        gone = [asyncio.create_task(batcher.sample([7, n], 1, 3, 0.0, None)) for n in range(8, 12)]
+        kept = asyncio.create_task(batcher.sample([9, 9], 1, 3, 0.0, None))
+        await asyncio.sleep(0.05)
+        for task in gone:
+            task.cancel()
+        spy.release.set()
+        assert len(await first) == 1 and len(await kept) == 1
+    finally:
+        await batcher.stop()
+    assert [len(call) for call in spy.calls] == [1, 1] and spy.calls[1] == [[9, 9]]
+    assert batcher.skipped == 4

@@ -7,6 +7,9 @@ both are imported only when chosen, so the default needs neither a GPU nor a net
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from typing import Any
 
 from codreamer.config import Settings
@@ -33,14 +36,48 @@ def check_backend_available(settings: Settings) -> None:
         )
 
 
+def available_cpus() -> int:
+    """Cores this process may actually run on: its CPU affinity, capped by a cgroup v2 quota
+    (`cpu.max`, as containers set it); at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def torch_threads(settings: Settings) -> int:
+    """`--torch-threads`, else OMP_NUM_THREADS (torch's own variable), else `available_cpus()`.
+
+    torch alone would start one thread per core of the machine, which oversubscribes a
+    container or a pinned process; on a machine shared with other CPU-bound jobs even the
+    available cores are too many (measured: 2 threads ~3x slower than 1 beside two other
+    jobs), so such a machine should set 1.
+    """
+    if settings.torch_threads is not None:
+        return settings.torch_threads
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp)
+    return available_cpus()
+
+
 def create_backend(settings: Settings) -> Any:
     if settings.backend == "embedded":
         from codreamer.backends.embedded.backend import EmbeddedBackend
 
+        threads = torch_threads(settings)
         return EmbeddedBackend(
             settings.model_cache_dir,
             settings.grpo_config(),
             max_batch=settings.rollout_concurrency * 2,
+            threads=threads,
             prefix_store_bytes=settings.prefix_store_mb * 2**20,
         )
     if settings.backend == "local":

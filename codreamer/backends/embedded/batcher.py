@@ -4,6 +4,10 @@ Rollouts run concurrently, so many chat requests arrive within milliseconds of e
 other. Sampling them one by one would leave the CPU's matrix units mostly idle; this
 collects requests that share sampling settings for a short window and samples them as
 one left-padded batch in a worker thread, then hands each caller its own completions.
+
+A caller that goes away (its request task is cancelled: the client disconnected or timed out)
+cancels its future; such entries are dropped before sampling and never take a batch slot, so
+the model does not generate for requests nobody waits for while their retries queue up.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class SamplingBatcher:
         self.window_s = window_s
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self.skipped = 0  # requests dropped unsampled because their caller had gone
 
     def start(self) -> None:
         if self._worker is None:
@@ -59,13 +64,25 @@ class SamplingBatcher:
     ) -> list[Sample]:
         future: asyncio.Future[list[Sample]] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Request(prompt_ids, n, max_new_tokens, temperature, seed, future))
-        return await future
+        try:
+            return await future
+        finally:
+            future.cancel()  # cancelled caller: the entry is skipped (a no-op once the result is set)
 
     async def _run(self) -> None:
         while True:
             first = await self._queue.get()
+            if self._gone(first):
+                continue
             batch = await self._collect(first)
             await self._sample_batch(batch)
+
+    def _gone(self, request: _Request) -> bool:
+        """Its caller was cancelled (or got its answer): count it and leave it out."""
+        if request.future.done():
+            self.skipped += 1
+            return True
+        return False
 
     async def _collect(self, first: _Request) -> list[_Request]:
         """Gather requests with the same settings as `first` for up to `window_s`."""
@@ -79,6 +96,8 @@ class SamplingBatcher:
                 request = await asyncio.wait_for(self._queue.get(), timeout)
             except TimeoutError:
                 break
+            if self._gone(request):
+                continue
             if request.key == first.key and rows + request.n <= self.max_batch:
                 batch.append(request)
                 rows += request.n
@@ -89,9 +108,11 @@ class SamplingBatcher:
         return batch
 
     async def _sample_batch(self, batch: list[_Request]) -> None:
-        live = [r for r in batch if not r.future.done()]  # a caller may have timed out
+        live = [r for r in batch if not self._gone(r)]  # a caller may have gone while the batch filled
         if not live:
             return
+        if len(live) < len(batch):
+            logger.debug("sampling batch: {} request(s) dropped, their callers are gone", len(batch) - len(live))
         prompts = [r.prompt_ids for r in live for _ in range(r.n)]
         seeds = [None if r.seed is None else r.seed + k for r in live for k in range(r.n)]
         first = live[0]

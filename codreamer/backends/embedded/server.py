@@ -4,10 +4,17 @@ It speaks `/v1/chat/completions` (messages, tools, temperature, max tokens, n, s
 logprobs) and `/v1/models`, so the rollout code is the same for the embedded backend, ART's
 LocalBackend (vLLM) and any hosted model. Like vLLM with `return_token_ids`, each choice
 also carries `prompt_token_ids` and `token_ids`: the exact tokens the GRPO step trains on.
+
+A request whose client is gone (it disconnected, or timed out and closed its connection to
+retry) is not generated for: aiohttp cancels its handler (`handler_cancellation`), which
+cancels its entry in the batcher's queue, and the batcher drops cancelled entries before it
+samples. (A batch already in the sampler finishes; its results for a departed client are
+dropped.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import socket
 import time
@@ -108,12 +115,15 @@ class PolicyServer:
         self.base_url = ""
         self._runner: web.AppRunner | None = None
         self.requests_served = 0
+        self.requests_abandoned = 0  # handlers cancelled because their client went away
 
     async def start(self) -> str:
         app = web.Application(middlewares=[self._auth])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: a client that disconnects (or times out) cancels its handler, and
+        # with it the request's pending entry in the batcher, so nothing is generated for it
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         port = _free_port()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
@@ -146,7 +156,12 @@ class PolicyServer:
             return _error(400, str(exc))
         except (KeyError, TypeError, AttributeError) as exc:  # a message or tool of the wrong shape
             return _error(400, f"malformed messages or tools: {type(exc).__name__}: {exc}")
-        samples = await self.batcher.sample(prompt_ids, parsed.n, parsed.max_tokens, parsed.temperature, parsed.seed)
+        try:
+            samples = await self.batcher.sample(prompt_ids, parsed.n, parsed.max_tokens, parsed.temperature, parsed.seed)
+        except asyncio.CancelledError:  # the client disconnected or timed out: its batch entry is cancelled too
+            self.requests_abandoned += 1
+            logger.debug("chat request abandoned by its client; not generating for it")
+            raise
         self.requests_served += 1
         return web.json_response(self._response(parsed, prompt_ids, samples))
 
