@@ -7,6 +7,13 @@ is then refreshed incrementally and each trajectory's outcomes are read back fro
 parts are blended (`codreamer.rewards.blend`) and the total is written to
 `trajectory.reward`, with every part in `trajectory.metrics`: the number trained on is the
 number logged. A judge failure is recorded as `ruler/judge_error`, never as a zero.
+
+An auto-finalised rollout (`metadata["auto_finalized"]`: the agent never called
+`finalize_email`, its email was salvaged from its text) gets its rubric total multiplied by
+`RewardScorer.auto_finalize_factor` (0.5 by default) before the blend, so that finishing the
+task properly pays. All three numbers are logged: `rubric/total` (the email's own score),
+`rubric/auto_finalize_factor` (1.0 or the factor) and `rubric/total_penalized` (their
+product: what the blend's `reward/rubric` is).
 """
 
 from __future__ import annotations
@@ -73,12 +80,21 @@ class RewardScorer:
         judge: Any | None = None,
         events: OutcomeStore | None = None,
         simulator: ProspectSimulator | None = None,
+        auto_finalize_factor: float = 0.5,
     ) -> None:
+        if not 0.0 <= auto_finalize_factor <= 1.0:
+            raise ValueError(f"auto_finalize_factor must be in [0, 1], got {auto_finalize_factor}")
         self.product = product
         self.mix = mix
         self.judge = judge
         self.events = events
         self.simulator = simulator
+        #: Multiplies the rubric total of a rollout whose email was auto-finalised.
+        self.auto_finalize_factor = auto_finalize_factor
+
+    def rubric_factor(self, trajectory: art.Trajectory) -> float:
+        """`auto_finalize_factor` for an auto-finalised rollout, else 1.0."""
+        return self.auto_finalize_factor if trajectory.metadata.get("auto_finalized") else 1.0
 
     async def score(
         self, groups: list[art.TrajectoryGroup], scenarios: Sequence[Scenario], *, step: int, emails_sent: bool
@@ -92,7 +108,7 @@ class RewardScorer:
         totals = compute_rewards(
             [_tid(t) for t in _trajectories(groups)],
             self.mix,
-            rubric={tid: score.total for tid, score in rubric.items()},
+            rubric={_tid(t): rubric[_tid(t)].total * self.rubric_factor(t) for t in _trajectories(groups)},
             ruler=ruler,
             outcomes=outcomes,
         )
@@ -114,7 +130,10 @@ class RewardScorer:
             prospect = by_id[group.metadata["scenario_id"]].prospect
             for trajectory in group.trajectories:
                 score = score_email(email_from_trajectory(trajectory), prospect, self.product)
+                factor = self.rubric_factor(trajectory)
                 trajectory.metrics.update(score.as_metrics())
+                trajectory.metrics["rubric/auto_finalize_factor"] = factor
+                trajectory.metrics["rubric/total_penalized"] = score.total * factor
                 scores[_tid(trajectory)] = score
         return scores
 
