@@ -156,6 +156,14 @@ class Settings(BaseSettings):
             "next turn prefills only its new tokens (0: off)."
         ),
     )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Embedded backend: torch CPU threads. Unset: OMP_NUM_THREADS if set, else the cores this process "
+            "may use (CPU affinity and cgroup quota). Use 1 when other CPU-bound jobs share the machine."
+        ),
+    )
 
     # --- reliability ---------------------------------------------------------------------
     inference_attempts: int = Field(default=3, ge=1, description="Tries of a model call on transient errors (timeouts, 429, 5xx).")
@@ -177,14 +185,6 @@ class Settings(BaseSettings):
     outcomes: Literal["simulator", "log", "off"] = Field(
         default="simulator",
         description="Online outcomes: simulator (seeded ProspectSimulator, not real data), log (only events "
-    torch_threads: int | None = Field(
-        default=None,
-        ge=1,
-        description=(
-            "Embedded backend: torch CPU threads. Unset: OMP_NUM_THREADS if set, else the cores this process "
-            "may use (CPU affinity and cgroup quota). Use 1 when other CPU-bound jobs share the machine."
-        ),
-    )
         "ingested into the event log) or off.",
     )
     events_path: Path | None = Field(
