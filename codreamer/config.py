@@ -75,10 +75,13 @@ class Settings(BaseSettings):
     # --- run -----------------------------------------------------------------------------
     run_id: str | None = Field(
         default=None,
-        description="Name of the run; reuse it to find the run again. Default: a new timestamped id.",
+        description=(
+            "Name of the run; reuse it to find the run again. 1-100 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit. Default: a new timestamped id."
+        ),
     )
     runs_dir: Path = Field(default=Path("runs"), description="Where run directories are written.")
-    project: str = Field(default="codreamer", description="Project name (ART model project).")
+    project: str = Field(default="codreamer", description="Project name (ART model project); the same characters as a run id.")
     seed: int = Field(default=0, description="Seed for sampling, scenario order and training.")
 
     # --- data ----------------------------------------------------------------------------
