@@ -290,6 +290,30 @@ def test_a_state_left_in_arts_file_is_migrated_and_arts_keys_stay(tmp_path: Path
     assert load_state(arts_only) is None and json.loads((arts_only / "state.json").read_text()) == arts
 
 
+@pytest.mark.anyio
+async def test_a_kill_during_arts_state_write_does_not_stop_the_resume(tmp_path: Path) -> None:
+    """ART writes its state.json with a plain open("w"): a kill mid-write leaves it cut short."""
+    model = art.TrainableModel(
+        name="r", project="p", base_model="x", base_path=str(tmp_path), run_name="r", report_metrics=[]
+    )
+    directory = tmp_path / "p" / "models" / "r"
+    state = RunState(run_id="r", iteration=0, stage="trained", step=1, seed=1, config_hash="abc")
+    save_state(directory, state)
+    await model.log(metrics={"train/loss": 1.0}, step=1)
+    arts = (directory / "state.json").read_text()
+    (directory / "state.json").write_text(arts[: len(arts) // 2])  # the kill
+
+    assert load_state(directory) == state  # ours was never in that file
+    assert not (directory / "state.json").exists()
+    [aside] = directory.glob("state.json.broken-*")
+    assert aside.read_text() == arts[: len(arts) // 2]  # kept, not deleted
+    again = art.TrainableModel(
+        name="r", project="p", base_model="x", base_path=str(tmp_path), run_name="r", report_metrics=[]
+    )
+    await again.log(metrics={"train/loss": 0.5}, step=2)  # ART's next write works
+    assert "_metrics_builder_state" in (again.read_state() or {}) and load_state(directory) == state
+
+
 @pytest.mark.parametrize("content", ["{not json", '{"run_id": "r", "iteration": -1}', "[]"])
 def test_a_corrupt_state_file_is_one_clear_error_naming_it(tmp_path: Path, content: str) -> None:
     (tmp_path / STATE_FILE).write_text(content)

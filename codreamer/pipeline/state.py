@@ -112,8 +112,10 @@ def changed_settings(recorded: dict[str, Any], settings: Settings) -> dict[str, 
 def load_state(run_dir: Path) -> RunState | None:
     """The run's resume state (migrating one left in ART's `state.json`), or None when there is none.
 
-    RunStateError (one line, with the path) when the file is corrupt.
+    RunStateError (one line, with the path) when the file is corrupt. An ART `state.json` that
+    a kill during ART's (non-atomic) write left unreadable is set aside first (`set_aside_broken_art_state`).
     """
+    set_aside_broken_art_state(run_dir)
     path = run_dir / STATE_FILE
     if not path.is_file():
         return _migrate_legacy_state(run_dir)
@@ -125,6 +127,34 @@ def load_state(run_dir: Path) -> RunState | None:
     except ValidationError as exc:  # written atomically, so only a hand edit gets here
         problem = "; ".join(f"field {'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors(include_url=False))
         raise RunStateError(f"{path}: the resume state is invalid ({problem}); {remedy}") from None
+
+
+def set_aside_broken_art_state(run_dir: Path) -> Path | None:
+    """Rename an unreadable ART `state.json` to `state.json.broken-<time>`; return the new path.
+
+    ART writes it with a plain `open("w")`, so a kill during `model.log` can leave it empty or
+    cut; ART's next `model.log` would then fail on it and stop the resumed run. Set aside, ART
+    starts its cumulative metrics afresh (a warning says so) and the run goes on.
+    """
+    path = run_dir / LEGACY_STATE_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    try:
+        if isinstance(json.loads(text), dict):
+            return None
+    except ValueError:
+        pass
+    target = path.with_name(f"{path.name}.broken-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, target)
+    logger.warning(
+        "{}: ART's state file is unreadable (a kill during ART's write?); moved to {}, ART restarts its cumulative metrics",
+        path, target.name,
+    )
+    return target
 
 
 def _migrate_legacy_state(run_dir: Path) -> RunState | None:
