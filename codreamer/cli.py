@@ -100,6 +100,9 @@ def _guarded(prog: str, body: Callable[[], int]) -> int:
         return body()
     except UserError as exc:
         return _fail(prog, exc)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (imports, ingest, a report): one line too
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _with_run_id(settings: Settings) -> Settings:

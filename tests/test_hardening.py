@@ -313,3 +313,14 @@ def test_the_embedded_backend_gets_the_threads_this_process_may_use(monkeypatch:
     assert built[-1]["threads"] == 4  # the setting wins
     with pytest.raises(ValueError, match="torch_threads"):
         Settings(torch_threads=0)
+
+
+def test_ctrl_c_outside_the_loop_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import codreamer.events.cli_commands as commands
+
+    def interrupted(*_args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "cmd_ingest", interrupted)
+    assert codreamer_main(["--runs-dir", str(tmp_path / "runs"), "ingest", "x.jsonl"]) == 130
+    assert capsys.readouterr().err.strip() == "codreamer: interrupted"
