@@ -230,6 +230,15 @@ def test_the_local_backend_on_a_cpu_machine_is_one_line_and_writes_nothing(
     assert not (tmp_path / "runs").exists()
     assert train_main(["--runs-dir", str(tmp_path / "runs"), "--backend", "serverless"]) == 2
     assert "WANDB_API_KEY" in _one_error_line(capsys.readouterr().err, "train")
+    # a GPU, but not ART's GPU extra (unsloth): said up front, not deep inside ART's first step
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "unsloth" else real_find_spec(name, *a))
+    assert learn_loop_main(["--runs-dir", str(tmp_path / "runs"), "--backend", "local"]) == 2
+    assert "unsloth" in _one_error_line(capsys.readouterr().err, "learn-loop")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_codreamer_show_of_a_corrupt_run_file_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

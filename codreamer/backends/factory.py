@@ -7,6 +7,7 @@ both are imported only when chosen, so the default needs neither a GPU nor a net
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -29,6 +30,11 @@ def check_backend_available(settings: Settings) -> None:
             raise BackendUnavailable(
                 "backend 'local' (ART LocalBackend) needs a CUDA GPU and this machine has none; "
                 "use --backend embedded (the CPU default) or run on a GPU machine"
+            )
+        if importlib.util.find_spec("unsloth") is None:  # ART trains with it; it is not in this project's lock
+            raise BackendUnavailable(
+                "backend 'local' (ART LocalBackend) trains with unsloth, which is not installed here; install "
+                "ART's GPU extra (openpipe-art[backend]) in an environment of its own, or use --backend embedded"
             )
     elif settings.backend == "serverless" and settings.wandb_api_key is None:
         raise BackendUnavailable(
