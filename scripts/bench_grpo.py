@@ -380,6 +380,9 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from codreamer.log import configure_logging
+
+    configure_logging()  # our sinks: no loguru variable dumps (diagnose off)
     args = parse_args(argv)
     if args.child:
         child_main(args)

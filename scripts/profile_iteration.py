@@ -192,6 +192,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from codreamer.log import configure_logging
+
+    configure_logging()  # our sinks: no loguru variable dumps (diagnose off)
     args = parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
