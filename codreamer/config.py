@@ -36,9 +36,9 @@ class RolloutConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    max_turns: int = Field(default=4, ge=1)
-    max_tokens: int = Field(default=64, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
+    max_turns: int = Field(default=2, ge=1)
+    max_tokens: int = Field(default=200, ge=1)
+    temperature: float = Field(default=0.7, ge=0.0)
     request_timeout_s: float = Field(default=120.0, gt=0)
     inference_attempts: int = Field(default=3, ge=1)
     retry_initial_s: float = Field(default=1.0, ge=0)
@@ -88,19 +88,28 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=REPO_DATA_DIR, description="Folder with prospects.jsonl, splits.json, product.json.")
 
     # --- loop ----------------------------------------------------------------------------
-    iterations: int = Field(default=2, ge=1, description="Learning-loop iterations (one GRPO step each).")
+    iterations: int = Field(default=4, ge=1, description="Learning-loop iterations (one GRPO step each).")
     epochs: int = Field(default=1, ge=1, description="`train`: passes over the training scenarios.")
     max_steps: int | None = Field(default=None, ge=1, description="`train`: stop after this many steps (default: all epochs).")
     scenarios_per_step: int = Field(default=2, ge=1, description="Training scenarios (GRPO groups) per step.")
     group_size: int = Field(default=4, ge=2, description="Rollouts per scenario (GRPO group size).")
-    eval_scenarios: int = Field(default=2, ge=0, description="Held-out scenarios evaluated per iteration (0 = skip).")
+    eval_scenarios: int = Field(
+        default=12, ge=0, description="Held-out scenarios evaluated (the first N; 12 = all that ship; 0 = skip)."
+    )
     max_exceptions: float = Field(
         default=0.5, ge=0, description="Failed rollouts tolerated per stage: a count (>=1) or a fraction (<1)."
     )
 
     # --- evaluation and checkpoints --------------------------------------------------------
     eval_samples: int = Field(default=2, ge=1, description="Samples per held-out scenario (fixed seeds, same every evaluation).")
-    eval_before_train: bool = Field(default=False, description="Evaluate the base model (step 0) before the first step.")
+    eval_before_train: bool = Field(
+        default=True, description="Evaluate the base model (step 0) before the first step (--no-eval-before-train skips it)."
+    )
+    eval_every: int = Field(
+        default=0,
+        ge=0,
+        description="learn-loop: evaluate every N iterations; 0 = after the last only (base and warm start are always evaluated).",
+    )
     bootstrap_samples: int = Field(default=1000, ge=100, description="Bootstrap resamples of the 95% confidence intervals.")
     keep_last: int | None = Field(
         default=1, ge=1, description="Checkpoints kept besides the best: the newest N, or `all` to keep every one."
@@ -121,11 +130,29 @@ class Settings(BaseSettings):
         """`all` (or null/none) from a flag or env variable means no pruning; 0 is refused, not 'all'."""
         return None if isinstance(value, str) and value.strip().lower() in {"all", "null", "none"} else value
 
+    # --- warm start ----------------------------------------------------------------------
+    warm_start: Literal["demos", "off"] = Field(
+        default="demos",
+        description=(
+            "Before the first RL step: supervised fine-tuning (ART's train_sft) on demonstrations of the "
+            "training prospects written by the seeded TemplateDemoWriter (demos), or none (off)."
+        ),
+    )
+    warm_start_demos: int = Field(default=48, ge=1, description="Demonstration episodes of the warm start (training prospects, cycled).")
+    warm_start_learning_rate: float = Field(default=1e-3, gt=0, description="Learning rate of the warm start (LoRA).")
+    warm_start_batch_size: int = Field(default=4, ge=1, description="Demonstrations per optimizer step of the warm start.")
+
     # --- rollout -------------------------------------------------------------------------
-    max_turns: int = Field(default=3, ge=1, description="Agent turns before the email is auto-finalised.")
-    max_tokens: int = Field(default=48, ge=1, description="New tokens per model call.")
-    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature of the policy.")
-    rollout_concurrency: int = Field(default=8, ge=1, description="Rollouts in flight at once.")
+    max_turns: int = Field(
+        default=2, ge=1, description="Agent turns before the email is auto-finalised (look up, then finalise: 2)."
+    )
+    max_tokens: int = Field(
+        default=200, ge=1, description="New tokens per model call (a finalize_email call with a ~90-word email needs ~170)."
+    )
+    temperature: float = Field(default=0.7, ge=0, description="Sampling temperature of the policy.")
+    rollout_concurrency: int = Field(
+        default=24, ge=1, description="Rollouts in flight at once (the embedded backend samples them as one batch)."
+    )
     request_timeout_s: float = Field(default=300.0, gt=0, description="Timeout of one model call, seconds.")
     inference_client: Literal["auto", "direct", "openai"] = Field(
         default="auto",
@@ -144,7 +171,7 @@ class Settings(BaseSettings):
         default="SmolLM2-135M-Instruct",
         description="Base model. The embedded backend ships SmolLM2-135M-Instruct; others take a HF id.",
     )
-    learning_rate: float = Field(default=5e-5, gt=0, description="GRPO learning rate.")
+    learning_rate: float = Field(default=1e-4, gt=0, description="GRPO learning rate.")
     lora_rank: int = Field(default=16, ge=1, description="LoRA rank (embedded backend).")
     train_retries: int = Field(default=3, ge=1, description="Attempts of a training step on transient errors.")
     model_cache_dir: Path = Field(
@@ -185,6 +212,12 @@ class Settings(BaseSettings):
     rubric_weight: float = Field(default=0.4, ge=0, description="Weight of the offline rubric in the reward.")
     ruler_weight: float = Field(default=0.4, ge=0, description="Weight of RULER (LLM judge); dropped when no judge is set.")
     online_weight: float = Field(default=0.2, ge=0, description="Weight of online outcomes (opened/replied).")
+    auto_finalize_factor: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Multiplies the rubric score of an email the agent did not finalise itself (salvaged from its text).",
+    )
     outcomes: Literal["simulator", "log", "off"] = Field(
         default="simulator",
         description="Online outcomes: simulator (seeded ProspectSimulator, not real data), log (only events "

@@ -33,6 +33,8 @@ from codreamer.runs import ITERATIONS_FILE, RUN_FILE
 __all__ = ["REPORT_FILE", "CURVE_FILE", "RunData", "load_run", "run_summary", "write_run_report"]
 
 REPORT_FILE = "report.md"
+#: Written by `codreamer.pipeline.warm_start` (read here as plain JSON: reports import no ART).
+WARM_START_FILE = "warm_start.json"
 CURVE_FILE = "reward_curve.png"
 #: Setting names never printed, whatever run.json holds (it should hold none of them).
 _SECRET_NAME = re.compile(r"api_key|secret|password|credential|token$", re.IGNORECASE)
@@ -49,6 +51,7 @@ class RunData:
     records: list[dict[str, Any]]
     skipped: int
     evals: list[EvalSummary] = field(default_factory=list)
+    warm_start: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -71,7 +74,16 @@ def load_run(run_dir: Path) -> RunData:
         logger.warning("unreadable {} in {}: {}", RUN_FILE, directory, exc)
     records, skipped = read_history(directory / ITERATIONS_FILE)
     records = sorted(records, key=lambda r: (_num(r.get("step")) or 0.0))
-    return RunData(directory, meta, records, skipped, load_evaluations(directory))
+    return RunData(directory, meta, records, skipped, load_evaluations(directory), _read_warm_start(directory))
+
+
+def _read_warm_start(directory: Path) -> dict[str, Any]:
+    """`warm_start.json` as a plain dict (empty when the run had no warm start or it is unreadable)."""
+    try:
+        payload = json.loads((directory / WARM_START_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 def _num(value: Any) -> float | None:
@@ -181,11 +193,16 @@ def _iterations_section(data: RunData) -> list[str]:
                 f"{_fmt(r.get('train/reward_mean'))} ± {_fmt(r.get('train/reward_std'))}",
                 _fmt(mean) + _ci(low, high),
                 _fmt(delta, signed=True),
+                _rate(r.get("train/behaviour/self_finalized")),
+                _rate(r.get("train/behaviour/looked_up")),
                 _fmt(r.get("train/exceptions"), 0),
                 _fmt(total_time, 1),
             )
         )
-    header = ("iter", "step", "train reward (mean ± std)", "held-out reward [95% CI]", "Δ base", "train exceptions", "time (s)")
+    header = (
+        "iter", "step", "train reward (mean ± std)", "held-out reward [95% CI]", "Δ base",
+        "train self-finalised", "train looked up", "train exceptions", "time (s)",
+    )  # fmt: skip
     return ["## Iterations", "", *_table(header, rows), ""]
 
 
@@ -223,7 +240,7 @@ def _eval_sections(data: RunData) -> list[str]:
             row += (_fmt(before.mean if before else None), _fmt(stats.mean - before.mean if before else None, signed=True))
         rows.append(row)
     lines += [*_table(header, rows), ""]
-    lines += _progress_section(data) + _prospect_section(latest, base)
+    lines += _progress_section(data) + _prospect_section(latest, base) + _before_after_section(latest, base)
     return lines
 
 
@@ -234,19 +251,78 @@ def _progress_section(data: RunData) -> list[str]:
         cmp = compare_evaluations(current, previous, data.base if data.base is not current else None)
         paired = cmp["base"]["delta_ci"]
         total = current.reward
+        rates = current.behaviour
         rows.append(
             (
                 str(current.step),
+                _policy_label(data, current.step),
                 "-" if total is None else _fmt(total.mean) + _ci(total.ci_low, total.ci_high),
                 _fmt(cmp["delta_prev"], signed=True),
                 _fmt(cmp["delta_base"], signed=True),
                 "-" if paired is None else f"[{_fmt(paired[0], signed=True)}, {_fmt(paired[1], signed=True)}]",
                 {True: "yes", False: "no", None: "-"}[cmp["ci_overlap_base"]],
+                _rate(rates.get("looked_up")),
+                _rate(rates.get("self_finalized")),
+                _rate(rates.get("auto_finalized")),
             )
         )
-    header = ("step", "reward [95% CI]", "Δ prev", "Δ base", "paired Δ base 95% CI", "CI overlaps base")
-    note = "Paired: the same held-out samples (same seeds) compared rollout by rollout."
+    header = (
+        "step", "policy", "reward [95% CI]", "Δ prev", "Δ base", "paired Δ base 95% CI", "CI overlaps base",
+        "looked up", "self-finalised", "auto-finalised",
+    )  # fmt: skip
+    note = (
+        "Paired: the same held-out samples (same seeds) compared rollout by rollout. Looked up: the agent "
+        "called a lookup tool before its email; self-finalised: it called finalize_email itself; "
+        "auto-finalised: it never did, and the email was salvaged from its text."
+    )
     return ["### Over the run", "", *_table(header, rows), "", note, ""]
+
+
+def _rate(value: Any) -> str:
+    number = _num(value)
+    return "-" if number is None else f"{number:.0%}"
+
+
+def _policy_label(data: RunData, step: int) -> str:
+    """What the policy at `step` is: the base model, the warm start (SFT on demonstrations), or RL."""
+    if step == 0:
+        return "base model"
+    warm = data.warm_start.get("step")
+    if warm is not None and step == warm:
+        return "warm start (SFT)"
+    return "RL" if warm is None else f"warm start + RL ({step - int(warm)} steps)"
+
+
+def _cell(text: str, limit: int = 900) -> str:
+    """An email as one Markdown table cell: clipped, line breaks as <br>, pipes escaped."""
+    clipped = text if len(text) <= limit else text[:limit] + " …"
+    return clipped.replace("\r", "").replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+def _before_after_section(latest: EvalSummary, base: EvalSummary | None, count: int = 3) -> list[str]:
+    """The base model's and the final policy's email for the same held-out prospects and seeds."""
+    if base is None or base is latest:
+        return []
+    lines = [f"### Before and after: base model (step 0) vs step {latest.step}", ""]
+    lines.append("The same held-out prospects, the first sample of each (same seed in both evaluations).")
+    lines.append("")
+    for pid in sorted(set(latest.prospects) & set(base.prospects))[:count]:
+        before, after = base.prospects[pid].emails, latest.prospects[pid].emails
+        if not before or not after:
+            continue
+        b, a = before[0], after[0]
+        flag = {True: " (auto-finalised)", False: ""}
+        lines += [
+            f"**{pid}**",
+            "",
+            f"| | base model (step 0) | step {latest.step} |",
+            "|---|---|---|",
+            f"| reward | {_fmt(b['reward'])}{flag[bool(b['auto_finalized'])]} | {_fmt(a['reward'])}{flag[bool(a['auto_finalized'])]} |",
+            f"| subject | {_cell(str(b['subject']), 200)} | {_cell(str(a['subject']), 200)} |",
+            f"| body | {_cell(str(b['body']))} | {_cell(str(a['body']))} |",
+            "",
+        ]
+    return lines
 
 
 def _prospect_section(latest: EvalSummary, base: EvalSummary | None) -> list[str]:

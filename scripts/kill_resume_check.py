@@ -30,7 +30,7 @@ STATE_FILE = "codreamer_state.json"  # codreamer.pipeline.state.STATE_FILE (not 
 
 SMALL = [
     "--group-size", "2", "--scenarios-per-step", "1", "--max-turns", "2", "--max-tokens", "16",
-    "--eval-scenarios", "1", "--eval-samples", "1", "--no-wandb",
+    "--eval-scenarios", "1", "--eval-samples", "1", "--no-wandb", "--warm-start", "off", "--no-eval-before-train",
 ]  # fmt: skip
 ENTRY = "from codreamer.cli import learn_loop_main; raise SystemExit(learn_loop_main())"
 COMPARED = ("iteration", "step", "scenarios", "train/reward_mean", "train/reward_std", "eval/reward_mean")

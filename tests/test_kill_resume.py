@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 FLAGS = [
     "--group-size", "2", "--scenarios-per-step", "1", "--max-turns", "1", "--max-tokens", "8",
     "--eval-scenarios", "1", "--eval-samples", "1", "--no-wandb", "--iterations", "1", "--run-id", "kill-test",
+    "--warm-start", "off", "--no-eval-before-train",
 ]  # fmt: skip
 ENTRY = "from codreamer.cli import learn_loop_main; raise SystemExit(learn_loop_main())"
 

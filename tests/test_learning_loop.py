@@ -25,6 +25,8 @@ FAST_FLAGS = [
     "--max-tokens", "12",
     "--eval-scenarios", "1",
     "--eval-samples", "1",
+    "--warm-start", "off",
+    "--no-eval-before-train",
     "--no-wandb",
 ]
 
@@ -80,3 +82,29 @@ def test_help_documents_every_flag(entry, capsys: pytest.CaptureFixture[str]) ->
             continue
         assert f"--{name.replace('_', '-')}" in text, name
         assert field.description and field.description.split()[0] in text
+
+
+def test_warm_start_then_rl_with_base_and_warm_start_evaluations(tmp_path: Path) -> None:
+    """The default shape in miniature: base model evaluated, SFT warm start (its own step, its own
+    evaluation), then RL; a second call resumes without training the warm start again."""
+    flags = [
+        *(f for f in FAST_FLAGS if f not in ("off", "--warm-start", "--no-eval-before-train")),
+        "--warm-start-demos", "2", "--warm-start-batch-size", "2",
+        "--runs-dir", str(tmp_path), "--run-id", "warm",
+    ]  # fmt: skip
+    assert learn_loop_main([*flags, "--iterations", "1"]) == 0
+    directory = _run_dir(tmp_path, "warm")
+    warm = json.loads((directory / "warm_start.json").read_text())
+    assert warm["step"] == 1 and warm["demos"] == 2 and len(warm["losses"]) == 1
+    assert sorted(p.name for p in (directory / "evals").iterdir()) == ["step_0000.json", "step_0001.json", "step_0002.json"]
+    records, _ = read_history(directory / "iterations.jsonl")
+    assert [r["step"] for r in records] == [2]
+    assert "eval/behaviour/self_finalized" in records[0] and "train/behaviour/looked_up" in records[0]
+    assert records[0]["eval/delta_base_paired_n"] == 1
+    report = (directory / "report.md").read_text()
+    assert "warm start (SFT)" in report and "Before and after" in report
+
+    assert learn_loop_main([*flags, "--iterations", "2"]) == 0
+    assert json.loads((directory / "warm_start.json").read_text()) == warm  # not trained again
+    records, _ = read_history(directory / "iterations.jsonl")
+    assert [r["step"] for r in records] == [2, 3]

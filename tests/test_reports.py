@@ -78,8 +78,8 @@ def test_full_report(full_run: Path) -> None:
     assert "| best checkpoint on disk | step 2 |" in text
     assert "| 2 | 2 | 0.350 ± 0.100 | 0.550 [0.500, 0.600] | +0.150 |" in text  # per-iteration row: CI, Δ base
     assert "| `rubric/length` | 0.580 [0.540, 0.620] | 0.500 | +0.080 |" in text  # latest vs base per part
-    assert "| 2 | 0.550 [0.510, 0.590] | +0.130 | +0.150 | [+0.150, +0.150] | no |" in text  # paired delta
-    assert "| 1 | 0.420 [0.380, 0.460] | +0.020 | +0.020 | [+0.020, +0.020] | yes |" in text
+    assert "| 2 | RL | 0.550 [0.510, 0.590] | +0.130 | +0.150 | [+0.150, +0.150] | no | - | - | - |" in text  # paired delta
+    assert "| 1 | RL | 0.420 [0.380, 0.460] | +0.020 | +0.020 | [+0.020, +0.020] | yes |" in text
     assert "| p001 | 2 | 0 | 0.480 | +0.080 | 0.38, 0.58 |" in text
     assert "| generate | 42.0 | 126.0 |" in text and "Peak RSS: 4003 MB." in text
     assert "| `llm/judge_calls` | 5.0000 | 3.0000 |" in text  # cumulative: run total, latest share
@@ -155,3 +155,29 @@ def test_curve_series_use_the_policy_step(full_run: Path) -> None:
     assert [p[0] for p in points] == [0.0, 1.0, 2.0, 3.0]
     assert points[2] == pytest.approx((2.0, 0.55, 0.51, 0.59))  # the stored evaluation, not the history
     assert_png(plot_reward_curve(data, full_run / "other" / "curve.png"))
+
+
+def test_report_labels_the_warm_start_shows_behaviour_and_emails_before_and_after(tmp_path: Path) -> None:
+    directory = tmp_path / "run-w"
+    write_run_json(directory)
+    (directory / "warm_start.json").write_text(json.dumps({"step": 1, "demos": 4, "losses": [1.2, 0.4]}))
+    append_record(directory / "iterations.jsonl", record(2, 0.6, 0.7, **{"train/behaviour/self_finalized": 0.75}))
+    emails = {
+        0: {"seed": 0, "subject": "You are | Maya", "body": "You are Maya.\nCall tools", "reward": 0.0, "auto_finalized": True},
+        2: {"seed": 0, "subject": "Idea for Acme", "body": "Hi Dana,\n\nA note.\n\nBest,\nMaya", "reward": 0.9, "auto_finalized": False},
+    }
+    for step, mean in ((0, 0.0), (1, 0.5), (2, 0.7)):
+        evaluation = summary(step, mean, [mean, mean])
+        evaluation.behaviour = {"looked_up": step / 2, "self_finalized": step / 4, "auto_finalized": 1 - step / 4}
+        if step in emails:
+            evaluation.prospects["p001"].emails = [emails[step]]
+        store_evaluation(directory, evaluation)
+    write_run_report(directory)
+    text = (directory / "report.md").read_text()
+    assert "| 0 | base model | 0.000" in text and "| 1 | warm start (SFT) | 0.500" in text
+    assert "| 2 | warm start + RL (1 steps) | 0.700" in text and "| 100% | 50% | 50% |" in text
+    assert "| 2 | 2 | 0.600 ± 0.100 | 0.700 [0.650, 0.750] | +0.700 | 75% | - | 0 |" in text  # train self-finalised
+    assert "### Before and after: base model (step 0) vs step 2" in text
+    assert "| reward | 0.000 (auto-finalised) | 0.900 |" in text
+    assert "| subject | You are \\| Maya | Idea for Acme |" in text  # a pipe cannot break the table
+    assert "| body | You are Maya.<br>Call tools | Hi Dana,<br><br>A note.<br><br>Best,<br>Maya |" in text

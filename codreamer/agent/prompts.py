@@ -21,10 +21,10 @@ def system_prompt(product: Product) -> str:
     return (
         f"You are {product.sender_name}, {product.sender_title}. "
         "Write a first outreach email to one prospect.\n"
-        "1. Call lookup_company to get facts.\n"
+        "1. Call lookup_prospect and lookup_company to get the facts.\n"
         "2. Call finalize_email with subject and body.\n"
-        "Rules: under 120 words; cite one real fact and one pain point; "
-        f"end with: {product.call_to_action}; sign as {product.sender_name}. "
+        "Rules: under 120 words; greet the prospect by first name; cite the company's recent news "
+        f"and one pain point; ask for {product.call_to_action}; sign as {product.sender_name}. "
         "Use only facts from the tools."
     )
 

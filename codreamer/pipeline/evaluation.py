@@ -41,6 +41,7 @@ __all__ = [
     "EvalSummary",
     "PartStats",
     "ProspectResult",
+    "behaviour_rates",
     "bootstrap_ci",
     "compare_evaluations",
     "eval_path",
@@ -56,6 +57,8 @@ EVALS_DIR = "evals"
 #: The part name of the total reward (`trajectory.reward`, the number trained on).
 TOTAL = "reward"
 PART_PREFIXES = ("reward/", "rubric/")
+#: An evaluated email is stored up to this many characters (for the report's before/after).
+_EMAIL_CHARS = 2000
 #: Bootstrap resamples are drawn in chunks of at most this many numbers, to bound memory.
 _CHUNK_ELEMENTS = 1_000_000
 
@@ -188,6 +191,9 @@ class ProspectResult(BaseModel):
     rewards: list[float] = Field(default_factory=list)
     seeds: list[int | None] = Field(default_factory=list)
     exceptions: int = 0
+    emails: list[dict[str, Any]] = Field(
+        default_factory=list, description="Each sample's email (seed, subject, body, reward, auto_finalized)."
+    )
 
 
 class EvalSummary(BaseModel):
@@ -200,11 +206,49 @@ class EvalSummary(BaseModel):
     bootstrap_samples: int = 1000
     parts: dict[str, PartStats] = Field(default_factory=dict)
     prospects: dict[str, ProspectResult] = Field(default_factory=dict)
+    behaviour: dict[str, float] = Field(
+        default_factory=dict, description="What the agent did (`behaviour_rates`): self-finalised, looked up, ..."
+    )
 
     @property
     def reward(self) -> PartStats | None:
         """The total reward's statistics (None when every rollout failed)."""
         return self.parts.get(TOTAL)
+
+
+def behaviour_rates(trajectories: Sequence[art.Trajectory]) -> dict[str, float]:
+    """What the agent did, as rates over episodes (and mean counts per episode).
+
+    self_finalized: the agent called finalize_email itself; auto_finalized: it never did and
+    the email was salvaged from its text; looked_up: it called a lookup tool (lookups after
+    the email was submitted are not counted by the rollout, so this is "looked facts up
+    before writing"); tool_calls / invalid_tool_calls: mean per episode. Empty when no episode.
+    """
+    if not trajectories:
+        return {}
+    count = len(trajectories)
+
+    def share(predicate: Any) -> float:
+        return sum(1 for t in trajectories if predicate(t.metadata)) / count
+
+    return {
+        "self_finalized": share(lambda m: not m.get("auto_finalized", True)),
+        "auto_finalized": share(lambda m: bool(m.get("auto_finalized", True))),
+        "looked_up": share(lambda m: (m.get("prospect_lookups") or 0) + (m.get("company_lookups") or 0) > 0),
+        "tool_calls": sum(float(t.metadata.get("tool_calls") or 0) for t in trajectories) / count,
+        "invalid_tool_calls": sum(float(t.metadata.get("invalid_tool_calls") or 0) for t in trajectories) / count,
+    }
+
+
+def _email_sample(trajectory: art.Trajectory) -> dict[str, Any]:
+    meta = trajectory.metadata
+    return {
+        "seed": meta.get("seed"),
+        "subject": str(meta.get("email_subject", "")),
+        "body": str(meta.get("email_body", ""))[:_EMAIL_CHARS],
+        "reward": float(trajectory.reward),
+        "auto_finalized": bool(meta.get("auto_finalized", False)),
+    }
 
 
 def _part_values(trajectories: Sequence[art.Trajectory]) -> dict[str, list[float]]:
@@ -260,6 +304,7 @@ def _prospect_result(prospect_id: str, groups: list[art.TrajectoryGroup]) -> Pro
         rewards=rewards,
         seeds=seeds,
         exceptions=sum(len(g.exceptions) for g in groups),
+        emails=[_email_sample(t) for t in scored],
     )
 
 
@@ -287,6 +332,7 @@ def summarize_evaluation(
         bootstrap_samples=bootstrap_samples,
         parts=parts,
         prospects=prospects,
+        behaviour=behaviour_rates(trajectories),
     )
 
 
@@ -382,7 +428,9 @@ def eval_record(summary: EvalSummary, comparison: dict[str, Any] | None = None) 
 
     eval/reward_mean, _std, _min, _max, _count, _ci_low, _ci_high for the total; eval/<part>
     and eval/<part>_ci_low/_ci_high for every part (e.g. eval/rubric/length); eval/exceptions;
-    eval/delta_prev, eval/delta_base, eval/ci_overlap_prev, eval/ci_overlap_base when compared.
+    eval/delta_prev, eval/delta_base, eval/ci_overlap_prev, eval/ci_overlap_base when compared,
+    with the paired bootstrap CI of each difference (eval/delta_base_ci_low/_high, _paired_n);
+    eval/behaviour/<rate> (`behaviour_rates`).
     """
     record: dict[str, Any] = {"eval/exceptions": summary.exceptions, "eval/reward_count": summary.n}
     total = summary.reward
@@ -395,10 +443,16 @@ def eval_record(summary: EvalSummary, comparison: dict[str, Any] | None = None) 
             "eval/reward_ci_low": total.ci_low,
             "eval/reward_ci_high": total.ci_high,
         }
+    record |= {f"eval/behaviour/{name}": value for name, value in summary.behaviour.items()}
     for name, stats in summary.parts.items():
         if name != TOTAL:
             record |= {f"eval/{name}": stats.mean, f"eval/{name}_ci_low": stats.ci_low, f"eval/{name}_ci_high": stats.ci_high}
     if comparison is not None:
         for key in ("delta_prev", "delta_base", "ci_overlap_prev", "ci_overlap_base"):
             record[f"eval/{key}"] = comparison.get(key)
+        for side in ("prev", "base"):
+            details = comparison.get(side) or {}
+            low, high = details.get("delta_ci") or (None, None)
+            record |= {f"eval/delta_{side}_ci_low": low, f"eval/delta_{side}_ci_high": high}
+            record[f"eval/delta_{side}_paired_n"] = details.get("paired_n", 0)
     return record

@@ -36,6 +36,7 @@ from codreamer.log import configure_logging
 from codreamer.paths import is_inside
 from codreamer.pipeline.evaluation import (
     EvalSummary,
+    behaviour_rates,
     compare_evaluations,
     eval_path,
     eval_record,
@@ -54,6 +55,7 @@ from codreamer.pipeline.stages import (
     log_rewards_metrics,
     score_trajectories,
 )
+from codreamer.pipeline.warm_start import load_warm_start, run_warm_start, save_warm_start
 from codreamer.pipeline.state import (
     RunState,
     Stage,
@@ -173,6 +175,8 @@ def discard_uncommitted_checkpoints(directory: Path, state: RunState | None = No
     """
     records, _ = read_history(directory / ITERATIONS_FILE)
     committed = max((int(r["step"]) for r in records), default=0)
+    if (warm := load_warm_start(directory)) is not None:  # the warm start's step is committed by its file
+        committed = max(committed, warm.step)
     keep = committed
     if state is not None and state.reached("trained") and state.step > committed:
         keep = state.step
@@ -195,7 +199,12 @@ def build_scorer(settings: Settings, task: TaskData, *, online: bool) -> RewardS
     if settings.judge_model is None and settings.ruler_weight > 0:
         logger.info("no judge configured (--judge-model): RULER is left out and the other parts renormalised")
     return RewardScorer(
-        task.product, settings.reward_mix(), judge=settings.judge_config(), events=events, simulator=simulator
+        task.product,
+        settings.reward_mix(),
+        judge=settings.judge_config(),
+        events=events,
+        simulator=simulator,
+        auto_finalize_factor=settings.auto_finalize_factor,
     )
 
 
@@ -303,6 +312,7 @@ def _rollout_health(groups: list[art.TrajectoryGroup]) -> dict[str, float]:
         "train/trajectories": float(len(trajectories)),
         "train/exceptions": float(exceptions),
         "train/auto_finalized_rate": auto / len(trajectories) if trajectories else float("nan"),
+        **{f"train/behaviour/{name}": value for name, value in behaviour_rates(trajectories).items()},
     }
 
 
@@ -582,9 +592,68 @@ async def _evaluate_base(run: Run) -> None:
         return
     with logger.contextualize(iteration=0):
         _, summary = await _evaluate(run, None, 0, {}, -1)
-        total = summary.reward
-        if total is not None:
-            logger.info("base model (step 0): held-out reward {:.3f} [{:.2f}, {:.2f}]", total.mean, total.ci_low or total.mean, total.ci_high or total.mean)
+        _log_evaluation("base model", summary)
+
+
+async def _warm_start(run: Run) -> None:
+    """`--warm-start demos`: SFT on demonstrations before the first RL step, once per run; then
+    the warm-started policy is evaluated, so the report can show its effect apart from RL's."""
+    settings = run.settings
+    done = load_warm_start(run.directory)
+    if done is None and settings.warm_start != "off" and await run.model.get_step() == 0:
+        timings: dict[str, float] = {}
+        with logger.contextualize(iteration=0):
+            done = await _stage(
+                run,
+                "train",
+                timings,
+                run_warm_start(run.model, settings, run.task.product, run.task.train),
+                iteration=-1,
+                step=0,
+            )
+            save_warm_start(run.directory, done)
+            losses = f"{done.losses[0]:.3f} -> {done.losses[-1]:.3f}" if done.losses else "n/a"
+            logger.info("warm start done in {:.0f}s: step {}, loss {}", done.seconds, done.step, losses)
+    if done is None or not settings.eval_scenarios or eval_path(run.directory, done.step).is_file():
+        return
+    if await run.model.get_step() == done.step:
+        with logger.contextualize(iteration=0):
+            _, summary = await _evaluate(run, None, done.step, {}, -1)
+            _log_evaluation("warm start", summary, _eval_comparison(run, summary))
+
+
+def _log_behaviour_line(record: dict[str, Any]) -> None:
+    """After an evaluated iteration: what the agent did on held-out, and the paired delta to the base."""
+    low, high = record.get("eval/delta_base_ci_low"), record.get("eval/delta_base_ci_high")
+    delta = record.get("eval/delta_base")
+    versus = "" if delta is None or low is None else f"; vs base {delta:+.3f} (paired 95% CI [{low:+.3f}, {high:+.3f}])"
+    logger.info(
+        "held-out at step {}: self-finalised {:.0%}, looked up {:.0%}{}",
+        record["step"],
+        record.get("eval/behaviour/self_finalized", float("nan")),
+        record.get("eval/behaviour/looked_up", float("nan")),
+        versus,
+    )
+
+
+def _log_evaluation(label: str, summary: EvalSummary, comparison: dict[str, Any] | None = None) -> None:
+    """One line: held-out reward with its CI, the behaviour rates, and the paired delta to the base model."""
+    total = summary.reward
+    if total is None:
+        logger.warning("{} (step {}): every held-out rollout failed", label, summary.step)
+        return
+    rates = summary.behaviour
+    line = (
+        f"{label} (step {summary.step}): held-out reward {total.mean:.3f} "
+        f"[{total.ci_low if total.ci_low is not None else float('nan'):.2f}, "
+        f"{total.ci_high if total.ci_high is not None else float('nan'):.2f}], "
+        f"self-finalised {rates.get('self_finalized', float('nan')):.0%}, looked up {rates.get('looked_up', float('nan')):.0%}"
+    )
+    base = (comparison or {}).get("base") or {}
+    if base.get("delta") is not None:
+        low, high = base.get("delta_ci") or (float("nan"), float("nan"))
+        line += f"; vs base {base['delta']:+.3f} (paired 95% CI [{low:+.3f}, {high:+.3f}], n={base.get('paired_n', 0)})"
+    logger.info(line)
 
 
 async def _iterate(run: Run, total: int, evaluate_every: int) -> list[dict[str, Any]]:
@@ -595,12 +664,15 @@ async def _iterate(run: Run, total: int, evaluate_every: int) -> list[dict[str, 
     if start:
         logger.info("continuing after iteration {} (of {})", start, total)
     await _evaluate_base(run)
+    await _warm_start(run)
     records = []
     for iteration in range(start, total):
         with logger.contextualize(iteration=iteration + 1):
             is_last = iteration + 1 == total
             record = await run_iteration(run, iteration, evaluate_after=is_last or (iteration + 1) % evaluate_every == 0)
             logger.info(_progress_line(record, total))
+            if record.get("eval/reward_mean") is not None:
+                _log_behaviour_line(record)
             records.append(record)
     return records
 
@@ -623,11 +695,12 @@ def _write_report(directory: Path) -> None:
 
 @weave.op
 async def run_learning_loop(num_iters: int, run_id: str | None = None, settings: Settings | None = None) -> list[dict[str, Any]]:
-    """The continuous learning loop: `num_iters` iterations in total, evaluating after each."""
+    """The continuous learning loop: `num_iters` iterations in total, evaluating every
+    `eval_every` iterations (0: after the last only), after the base model and the warm start."""
     settings = (settings or Settings()).model_copy(update={"iterations": num_iters, "run_id": run_id or (settings.run_id if settings else None)})
     async with open_run(settings, "learn-loop") as run:
         with logger.contextualize(run_id=run.run_id):
-            records = await _iterate(run, num_iters, evaluate_every=1)
+            records = await _iterate(run, num_iters, evaluate_every=settings.eval_every or num_iters)
             await _finish(run)
             return records
 

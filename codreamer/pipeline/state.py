@@ -61,7 +61,7 @@ RESUME_FREE_SETTINGS = frozenset(
         "wandb_entity", "wandb_mode", "tracking_timeout_s", "inference_attempts", "retry_initial_s", "retry_max_s",
         "rollout_timeout_s", "generate_timeout_s", "score_timeout_s", "train_timeout_s", "evaluate_timeout_s",
         "torch_threads", "events_tolerance_s",
-        "keep_last", "keep_best", "policy_price_usd_per_mtok_in", "policy_price_usd_per_mtok_out",
+        "keep_last", "keep_best", "eval_every", "policy_price_usd_per_mtok_in", "policy_price_usd_per_mtok_out",
         "judge_price_usd_per_mtok_in", "judge_price_usd_per_mtok_out", "low_reward_threshold",
     }
 )  # fmt: skip

@@ -5,7 +5,8 @@ outcomes to learn from. `ProspectSimulator` turns an email into "opened" / "repl
 outcomes from the email's rubric parts and the prospect's persona: a good subject raises
 the open rate, personalisation, a clear ask and no invented facts raise the reply rate,
 and each persona weighs these differently (a busy executive punishes long emails, a
-skeptic punishes hype). Draws are seeded by (seed, trajectory id), so the same email in
+skeptic punishes hype). Both pulls are scaled by the rubric's `email_form` gate: word salad
+or chatter gets only the persona's base rates, whatever its other parts say. Draws are seeded by (seed, trajectory id), so the same email in
 the same run always gets the same outcome. Outcomes are tagged `source="simulator"` in
 the event log; real outcomes replace it through `codreamer ingest` or the webhook.
 """
@@ -50,6 +51,12 @@ def _part(rubric: RubricScore, name: str) -> float:
     return next((p.score for p in rubric.parts if p.name == name), 0.0)
 
 
+def _form(rubric: RubricScore) -> float:
+    """The rubric's email-form gate (1.0 for rubrics scored without one): a text that is not an
+    email earns neither the subject's pull on opens nor the body's pull on replies."""
+    return next((p.score for p in rubric.parts if p.name == "email_form"), 1.0)
+
+
 def _rng(seed: int, trajectory_id: str) -> random.Random:
     digest = hashlib.sha256(f"{seed}:{trajectory_id}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
@@ -63,7 +70,7 @@ class ProspectSimulator:
 
     def open_probability(self, prospect: Prospect, rubric: RubricScore) -> float:
         profile = PROFILES[prospect.persona]
-        subject = _part(rubric, "subject")
+        subject = _part(rubric, "subject") * _form(rubric)
         return min(0.95, profile.base_open + 0.5 * subject * (0.5 + 0.5 * _part(rubric, "no_spam")))
 
     def reply_probability(self, prospect: Prospect, rubric: RubricScore) -> float:
@@ -78,7 +85,7 @@ class ProspectSimulator:
             + p.brevity * _part(rubric, "length")
             + p.no_spam * _part(rubric, "no_spam")
         ) / weights
-        return min(0.9, p.base_reply + 0.8 * quality**2 * _part(rubric, "clean_format"))
+        return min(0.9, p.base_reply + 0.8 * quality**2 * _part(rubric, "clean_format") * _form(rubric))
 
     def simulate(
         self, trajectory_id: str, prospect: Prospect, email: Email, rubric: RubricScore, step: int

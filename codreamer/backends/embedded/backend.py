@@ -28,11 +28,14 @@ from loguru import logger
 from codreamer.backends.embedded.batcher import SamplingBatcher
 from codreamer.backends.embedded.policy import DEFAULT_PREFIX_STORE_BYTES, Policy
 from codreamer.backends.embedded.server import PolicyServer
+from codreamer.backends.embedded.sft import sft_sequence
 from codreamer.backends.embedded.weights import load_embedded_model
 from codreamer.config import GRPOConfig
 from codreamer.training.grpo import build_grpo_batch
 
 CHECKPOINT_DIR_RE = re.compile(r"^\d{4,}$")
+#: Trajectories per SFT optimizer step when ART's config says "auto".
+DEFAULT_SFT_BATCH_SIZE = 8
 
 
 def checkpoints_dir(model: art.Model) -> Path:
@@ -129,8 +132,45 @@ class EmbeddedBackend:
             await anyio.to_thread.run_sync(self._save_checkpoint, model, self._step)
         return art.TrainResult(step=self._step, metrics=metrics)
 
-    def _train_sft(self, *args: Any, **kwargs: Any) -> AsyncIterator[dict[str, float]]:
-        raise NotImplementedError("the embedded backend trains with GRPO only; SFT is not offered")
+    async def _train_sft(
+        self,
+        model: art.TrainableModel,
+        trajectories: Iterable[art.Trajectory],
+        config: art.types.TrainSFTConfig,
+        dev_config: Any = None,
+        verbose: bool = False,
+    ) -> AsyncIterator[dict[str, float]]:
+        """ART's SFT path (`model.train_sft`): one optimizer step per batch of trajectories,
+        mean negative log-likelihood of the assistant turns (`sft.sft_sequence`); then the
+        step advances once and a checkpoint is saved, as ART's LocalBackend does."""
+        policy = self._require_policy()
+        end_of_turn = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        sequences = [
+            sft_sequence(t.messages_and_choices, t.tools, policy.tokenizer, end_of_turn, assistant_turns=config.assistant_turns)
+            for t in trajectories
+        ]
+        if not sequences:
+            raise ValueError("train_sft got no trajectories")
+        size = config.batch_size if isinstance(config.batch_size, int) else DEFAULT_SFT_BATCH_SIZE
+        batches = [sequences[i : i + size] for i in range(0, len(sequences), size)]
+        rates = config.learning_rate if isinstance(config.learning_rate, list) else [config.learning_rate] * len(batches)
+        if len(rates) < len(batches):
+            raise ValueError(f"train_sft got {len(rates)} learning rates for {len(batches)} batches")
+        trained_tokens = float(sum(s.trained_tokens for s in sequences))
+        for number, (batch, rate) in enumerate(zip(batches, rates, strict=False), start=1):
+            metrics = await anyio.to_thread.run_sync(policy.train_step, batch, rate)
+            if verbose:
+                logger.info("sft batch {}/{}: loss {:.4f}", number, len(batches), metrics["loss"])
+            yield {
+                "loss/train": metrics["loss"],
+                "loss/grad_norm": metrics["grad_norm"],
+                "loss/learning_rate": rate,
+                "data/step_num_trajectories": float(len(sequences)),
+                "data/step_trainable_assistant_tokens": trained_tokens,
+                "data/step_num_gradient_steps": float(len(batches)),
+            }
+        self._step += 1
+        await anyio.to_thread.run_sync(self._save_checkpoint, model, self._step)
 
     async def close(self) -> None:
         if self._server is not None:
