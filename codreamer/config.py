@@ -195,6 +195,61 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- ART training options ------------------------------------------------------------
+    # Passed as keywords of the same name to `backend.train` when set (`codreamer.backends.factory.
+    # ART_TRAIN_OPTIONS`); unset: the backend's own default. The embedded backend ignores them.
+    loss_fn: Literal["cispo", "ppo"] | None = Field(
+        default=None,
+        description="ART backends: RL loss, cispo or ppo (clipped importance ratio). Unset: the backend's default (cispo).",
+    )
+    kl_penalty_coef: float | None = Field(
+        default=None,
+        ge=0,
+        description="ART backends: KL-penalised advantages, coefficient (0 = off). Unset: the backend's default (0).",
+    )
+    kl_penalty_reference_step: int | None = Field(
+        default=None,
+        ge=0,
+        description="ART backends: checkpoint step that is the KL reference. Unset: the base model.",
+    )
+    kl_penalty_source: Literal["current_learner", "sample"] | None = Field(
+        default=None,
+        description="ART backends: log-probs compared with the KL reference, current_learner or sample (better off-policy).",
+    )
+    epsilon: float | None = Field(
+        default=None, gt=0, description="ART backends: lower clip of the importance ratio (1 - epsilon). Unset: 0.2 for ppo, 1.0 for cispo."
+    )
+    epsilon_high: float | None = Field(
+        default=None, gt=0, description="ART backends: upper clip (1 + epsilon_high). Unset: --epsilon for ppo, 4.0 for cispo."
+    )
+    normalize_advantages: bool | None = Field(
+        default=None,
+        description="ART backends: divide advantages by the group's reward std (false: centre them only). Unset: true.",
+    )
+    advantage_balance: float | None = Field(
+        default=None,
+        ge=-1,
+        le=1,
+        description="ART backends: weight of negative vs positive advantages, -1..1. Unset: 0 (balanced).",
+    )
+    importance_sampling_level: Literal["token", "sequence", "average", "geometric_average"] | None = Field(
+        default=None, description="ART backends: level of the importance weights. Unset: token."
+    )
+    max_negative_advantage_importance_sampling_weight: float | None = Field(
+        default=None, gt=0, description="ART backends: cap on the importance ratio (ART's name for it). Unset: no cap."
+    )
+    truncated_importance_sampling: float | None = Field(
+        default=None, gt=0, description="ART backends: truncate the sampler-to-learner importance weight at this value. Unset: off."
+    )
+    mask_prob_ratio: bool | None = Field(
+        default=None, description="ART backends: zero the ratio of tokens outside the clip range (true/false). Unset: false."
+    )
+    packed_sequence_length: int | None = Field(
+        default=None,
+        ge=1,
+        description="ART backends: tokens per packed training sequence. Unset: the longest sequence rounded up to 2048.",
+    )
+
     # --- reliability ---------------------------------------------------------------------
     inference_attempts: int = Field(default=3, ge=1, description="Tries of a model call on transient errors (timeouts, 429, 5xx).")
     retry_initial_s: float = Field(default=1.0, ge=0, description="First backoff between retries, seconds (doubles, jittered).")

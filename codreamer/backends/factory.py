@@ -3,6 +3,11 @@
 `embedded` (default) trains on this machine's CPU. `local` is ART's LocalBackend (unsloth +
 vLLM, needs a CUDA GPU) and `serverless` is W&B's hosted training (needs WANDB_API_KEY);
 both are imported only when chosen, so the default needs neither a GPU nor a network.
+
+ART's training options (`ART_TRAIN_OPTIONS`: loss, KL penalty, clipping, ...) set by the user
+travel with the backend the factory builds (`train_options_of`) to every `backend.train` call
+(`codreamer.pipeline.stages.grpo_update`); unset ones are not passed, so each backend keeps its
+own default. The embedded backend accepts and ignores them (it has one GRPO loss of its own).
 """
 
 from __future__ import annotations
@@ -10,11 +15,35 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from codreamer.config import Settings
 from codreamer.errors import UsageError
+
+
+#: Settings passed to `backend.train` under the same keyword when set (not None). Each is a keyword
+#: of ART 0.5.23's `LocalBackend.train` and `ServerlessBackend.train` (read from their signatures).
+ART_TRAIN_OPTIONS: tuple[str, ...] = (
+    "loss_fn",
+    "kl_penalty_coef",
+    "kl_penalty_reference_step",
+    "kl_penalty_source",
+    "epsilon",
+    "epsilon_high",
+    "normalize_advantages",
+    "advantage_balance",
+    "importance_sampling_level",
+    "max_negative_advantage_importance_sampling_weight",
+    "truncated_importance_sampling",
+    "mask_prob_ratio",
+    "packed_sequence_length",
+)
+#: Where a built backend carries the options (`train_options_of`); absent on backends built elsewhere.
+TRAIN_OPTIONS_ATTR = "codreamer_train_options"
 
 
 class BackendUnavailable(UsageError, RuntimeError):
@@ -74,21 +103,42 @@ def torch_threads(settings: Settings) -> int:
     return available_cpus()
 
 
+def train_options(settings: Settings) -> dict[str, Any]:
+    """The ART training options the user set (`ART_TRAIN_OPTIONS` that are not None), by ART's keyword."""
+    return {name: value for name in ART_TRAIN_OPTIONS if (value := getattr(settings, name)) is not None}
+
+
+def train_options_of(backend: Any) -> dict[str, Any]:
+    """The training options `create_backend` attached to `backend` ({} for a backend built elsewhere)."""
+    options = getattr(backend, TRAIN_OPTIONS_ATTR, None)
+    return dict(options) if isinstance(options, Mapping) else {}
+
+
 def create_backend(settings: Settings) -> Any:
+    """The backend `--backend` names, carrying the user's ART training options (`train_options_of`)."""
+    options = train_options(settings)
     if settings.backend == "embedded":
         from codreamer.backends.embedded.backend import EmbeddedBackend
 
         threads = torch_threads(settings)
-        return EmbeddedBackend(
+        backend = EmbeddedBackend(
             settings.model_cache_dir,
             settings.grpo_config(),
             max_batch=settings.rollout_concurrency * 2,
             threads=threads,
             prefix_store_bytes=settings.prefix_store_mb * 2**20,
         )
-    if settings.backend == "local":
-        return _local_backend(settings)
-    return _serverless_backend(settings)
+        if options:
+            logger.warning(
+                "the embedded backend ignores ART's training options {} (they apply to --backend local and serverless)",
+                ", ".join(f"--{name.replace('_', '-')}" for name in options),
+            )
+    elif settings.backend == "local":
+        backend = _local_backend(settings)
+    else:
+        backend = _serverless_backend(settings)
+    setattr(backend, TRAIN_OPTIONS_ATTR, options)
+    return backend
 
 
 def _local_backend(settings: Settings) -> Any:

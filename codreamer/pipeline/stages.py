@@ -124,14 +124,22 @@ async def grpo_update(
     *,
     learning_rate: float,
     retry: RetryPolicy | None = None,
+    options: dict[str, Any] | None = None,
 ) -> art.TrainResult:
     """One GRPO step, retried with exponential backoff and jitter on transient errors only.
 
-    A permanent error (a bug, a bad batch) is raised at once: retrying it would only hide it.
+    `options` are ART's training keywords (`loss_fn`, `kl_penalty_coef`, ...; see
+    `codreamer.backends.factory.ART_TRAIN_OPTIONS`) passed to `backend.train` as they are;
+    None: those the factory attached to the backend from the settings (only the ones the
+    user set, so an unset option keeps the backend's default). A permanent error (a bug, a
+    bad batch, an option the backend refuses) is raised at once: retrying it would only hide it.
     """
+    from codreamer.backends.factory import train_options_of
+
+    extra = train_options_of(backend) if options is None else dict(options)
     async for attempt in retrying(retry or RetryPolicy(), "training"):
         with attempt:
-            return await backend.train(model, groups, learning_rate=learning_rate)
+            return await backend.train(model, groups, learning_rate=learning_rate, **extra)
     raise AssertionError("unreachable")  # AsyncRetrying either returns or re-raises
 
 
