@@ -12,10 +12,18 @@ states nobody will load. `prune_checkpoints` keeps
 Call it after the iteration's history record is written, so the newest checkpoint is
 also the committed one. A checkpoint is first renamed to a hidden folder and then removed,
 so a crash mid-deletion never leaves a half checkpoint that looks loadable.
+
+That is the embedded backend's retention: its checkpoints are folders of the run directory
+and nothing else. ART's backends own theirs: LocalBackend keeps the adapters its saved
+optimizer states belong to (and a Tinker service deletes remotely), ServerlessBackend's
+checkpoints live on W&B. For them `prune_through_backend` applies the same policy
+(`retained_steps`) through the backend's own deletion, `backend._delete_checkpoint_files(model,
+steps_to_keep)` (what ART's `model.delete_checkpoints` calls), so hosted runs are pruned too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
@@ -23,6 +31,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -31,7 +40,17 @@ from codreamer.pipeline.evaluation import load_evaluations
 from codreamer.pipeline.history import read_history
 from codreamer.runs import ITERATIONS_FILE
 
-__all__ = ["BestCheckpoint", "best_checkpoint", "checkpoint_steps", "heldout_scores", "prune_checkpoints"]
+__all__ = [
+    "BestCheckpoint",
+    "best_checkpoint",
+    "checkpoint_steps",
+    "heldout_scores",
+    "prune_checkpoints",
+    "prune_through_backend",
+    "retained_steps",
+    "schedule_backend_pruning",
+    "wait_for_pruning",
+]
 
 CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^\d{4,}$")
@@ -80,6 +99,32 @@ def _clear_trash(folder: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _check_keep_last(keep_last: int | None) -> None:
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, or None to keep every checkpoint (got {keep_last})")
+
+
+def retained_steps(
+    steps: Iterable[int],
+    scores: Mapping[int, float],
+    *,
+    keep_last: int | None = 1,
+    keep_best: bool = True,
+    protect: Iterable[int] = (),
+) -> set[int]:
+    """The steps among `steps` the retention policy keeps: the newest `keep_last` (every step
+    when None), the best scored one when `keep_best`, and every `protect`ed step."""
+    _check_keep_last(keep_last)
+    ordered = sorted(set(steps))
+    if keep_last is None:
+        return set(ordered) | set(protect)
+    keep = set(ordered[-keep_last:]) | set(protect)
+    best = _best_step(ordered, scores) if keep_best else None
+    if best is not None:
+        keep.add(best)
+    return keep
+
+
 def prune_checkpoints(
     checkpoint_dir: Path,
     scores: Mapping[int, float],
@@ -95,20 +140,92 @@ def prune_checkpoints(
     (None: keep every checkpoint, delete nothing); 0 is refused rather than read as "all".
     The newest checkpoint and every `protect`ed step are never deleted.
     """
-    if keep_last is not None and keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, or None to keep every checkpoint (got {keep_last})")
+    _check_keep_last(keep_last)
     _clear_trash(Path(checkpoint_dir))
     steps = checkpoint_steps(checkpoint_dir)
     if keep_last is None or not steps:
         return []
-    keep = set(steps[-keep_last:]) | {steps[-1]} | set(protect)
-    best = _best_step(steps, scores) if keep_best else None
-    if best is not None:
-        keep.add(best)
+    keep = retained_steps(steps, scores, keep_last=keep_last, keep_best=keep_best, protect=protect)
     deleted = [s for s in steps if s not in keep and _remove(Path(checkpoint_dir) / f"{s:04d}")]
     if deleted:
         logger.info("pruned checkpoints {} (kept {})", deleted, sorted(keep & set(steps)))
     return deleted
+
+
+async def prune_through_backend(
+    backend: Any,
+    model: Any,
+    scores: Mapping[int, float],
+    *,
+    keep_last: int | None = 1,
+    keep_best: bool = True,
+    protect: Iterable[int] = (),
+) -> list[int] | None:
+    """Apply the retention policy through the backend's own deletion; return the steps kept
+    (None: keep_last is None, nothing deleted).
+
+    The candidates are every step up to the model's current one (`model.get_step()`, asked of
+    the backend): a hosted backend's checkpoints cannot be listed from here, and the backend
+    deletes only those that exist and are not kept (`_delete_checkpoint_files`).
+    """
+    _check_keep_last(keep_last)
+    if keep_last is None:
+        return None
+    latest = await model.get_step()
+    keep = retained_steps(range(latest + 1), scores, keep_last=keep_last, keep_best=keep_best, protect=protect)
+    await backend._delete_checkpoint_files(model, sorted(keep))
+    logger.info("pruned checkpoints through the {} (kept steps {})", type(backend).__name__, sorted(keep))
+    return sorted(keep)
+
+
+#: Pruning tasks started by `schedule_backend_pruning` and not finished yet (a strong reference:
+#: the event loop keeps only weak ones).
+_PRUNING: set[asyncio.Task[list[int] | None]] = set()
+
+
+async def _prune_logged(backend: Any, model: Any, scores: Mapping[int, float], **policy: Any) -> list[int] | None:
+    try:
+        return await prune_through_backend(backend, model, scores, **policy)
+    except Exception as exc:  # noqa: BLE001 - a failed deletion must not stop the run; it is retried next time
+        logger.warning("could not prune checkpoints through the {}: {}: {}", type(backend).__name__, type(exc).__name__, exc)
+        return None
+
+
+def schedule_backend_pruning(
+    backend: Any,
+    model: Any,
+    scores: Mapping[int, float],
+    *,
+    keep_last: int | None = 1,
+    keep_best: bool = True,
+    protect: Iterable[int] = (),
+) -> asyncio.Task[list[int] | None] | None:
+    """Start `prune_through_backend` on the running event loop and return its task (None when
+    there is nothing to do or a previous pruning is still running), for callers that cannot await.
+
+    A failure is logged as a warning, never raised: the next pruning tries again.
+    """
+    _check_keep_last(keep_last)
+    if keep_last is None:
+        return None
+    if any(not task.done() for task in _PRUNING):
+        logger.debug("a checkpoint pruning is still running; not starting another")
+        return None
+    task = asyncio.get_running_loop().create_task(
+        _prune_logged(backend, model, dict(scores), keep_last=keep_last, keep_best=keep_best, protect=list(protect)),
+        name="prune-checkpoints",
+    )
+    _PRUNING.add(task)
+    task.add_done_callback(_PRUNING.discard)
+    return task
+
+
+async def wait_for_pruning() -> None:
+    """Wait for the pruning tasks in flight, e.g. before a training step saves a new checkpoint
+    (`prune_through_backend` keeps only steps up to the one it saw, so it must not overlap one)."""
+    pending = [task for task in _PRUNING if not task.done()]
+    if pending:
+        await asyncio.gather(*pending)
 
 
 def heldout_scores(run_dir: Path) -> dict[int, float]:

@@ -472,12 +472,24 @@ def _eval_comparison(run: Run, summary: EvalSummary) -> dict[str, Any]:
 
 
 def _prune_checkpoints(run: Run) -> None:
-    from codreamer.checkpoints import prune_checkpoints
+    """Keep the latest and the best checkpoint by held-out reward (`--keep-last`, `--keep-best`).
 
+    The embedded backend's checkpoints are folders of the run directory, pruned here. ART's
+    backends prune through their own deletion (`schedule_backend_pruning`: LocalBackend keeps
+    the adapters of its optimizer states; serverless checkpoints are on W&B), on the event loop
+    while the iteration goes on (the next training step waits for it; one still running when
+    the process ends is cut short and caught up by the run's next pruning); a KL reference
+    step (`--kl-penalty-reference-step`) is kept.
+    """
+    from codreamer.checkpoints import prune_checkpoints, schedule_backend_pruning
+
+    settings = run.settings
     scores = {s.step: s.reward.mean for s in load_evaluations(run.directory) if s.reward is not None}
-    deleted = prune_checkpoints(
-        run.directory / "checkpoints", scores, keep_last=run.settings.keep_last, keep_best=run.settings.keep_best
-    )
+    if settings.backend != "embedded":
+        protect = [] if settings.kl_penalty_reference_step is None else [settings.kl_penalty_reference_step]
+        schedule_backend_pruning(run.backend, run.model, scores, keep_last=settings.keep_last, keep_best=settings.keep_best, protect=protect)
+        return
+    deleted = prune_checkpoints(run.directory / "checkpoints", scores, keep_last=settings.keep_last, keep_best=settings.keep_best)
     if deleted:
         logger.debug("deleted checkpoints {} (keeping the latest and the best)", deleted)
 

@@ -133,10 +133,14 @@ async def grpo_update(
     None: those the factory attached to the backend from the settings (only the ones the
     user set, so an unset option keeps the backend's default). A permanent error (a bug, a
     bad batch, an option the backend refuses) is raised at once: retrying it would only hide it.
+    A checkpoint pruning still running through the backend finishes first, so it cannot
+    delete the checkpoint this step saves.
     """
     from codreamer.backends.factory import train_options_of
+    from codreamer.checkpoints import wait_for_pruning
 
     extra = train_options_of(backend) if options is None else dict(options)
+    await wait_for_pruning()
     async for attempt in retrying(retry or RetryPolicy(), "training"):
         with attempt:
             return await backend.train(model, groups, learning_rate=learning_rate, **extra)
