@@ -77,6 +77,7 @@ def test_options_the_user_set_reach_backend_train_and_nothing_else(monkeypatch: 
     monkeypatch.setattr(serverless, "ServerlessBackend", RecordingBackend)
     settings = Settings(
         backend="serverless",
+        base_model="OpenPipe/Qwen3-14B-Instruct",
         wandb_api_key="k" * 40,
         loss_fn="ppo",
         kl_penalty_coef=0.05,

@@ -44,6 +44,15 @@ ART_TRAIN_OPTIONS: tuple[str, ...] = (
 )
 #: Where a built backend carries the options (`train_options_of`); absent on backends built elsewhere.
 TRAIN_OPTIONS_ATTR = "codreamer_train_options"
+#: The default `--base-model`: the embedded backend's GGUF copy, which no ART backend can load.
+EMBEDDED_BASE_MODEL: str = Settings.model_fields["base_model"].default
+_BASE_MODEL_HINT = {
+    "local": "a Hugging Face model id, e.g. Qwen/Qwen2.5-0.5B-Instruct",
+    "serverless": (
+        "a model of W&B's Serverless RL catalog, e.g. OpenPipe/Qwen3-14B-Instruct or Qwen/Qwen3-30B-A3B-Instruct-2507 "
+        "(https://docs.wandb.ai/serverless-rl/available-models)"
+    ),
+}
 
 
 class BackendUnavailable(UsageError, RuntimeError):
@@ -68,6 +77,11 @@ def check_backend_available(settings: Settings) -> None:
     elif settings.backend == "serverless" and settings.wandb_api_key is None:
         raise BackendUnavailable(
             "backend 'serverless' trains on W&B and needs WANDB_API_KEY: set it in the environment or in .env"
+        )
+    if settings.backend != "embedded" and settings.base_model == EMBEDDED_BASE_MODEL:
+        raise BackendUnavailable(
+            f"backend '{settings.backend}' cannot train --base-model {EMBEDDED_BASE_MODEL} (the embedded backend's "
+            f"offline copy): set --base-model to {_BASE_MODEL_HINT[settings.backend]}"
         )
 
 
