@@ -477,8 +477,7 @@ def _prune_checkpoints(run: Run) -> None:
     The embedded backend's checkpoints are folders of the run directory, pruned here. ART's
     backends prune through their own deletion (`schedule_backend_pruning`: LocalBackend keeps
     the adapters of its optimizer states; serverless checkpoints are on W&B), on the event loop
-    while the iteration goes on (the next training step waits for it; one still running when
-    the process ends is cut short and caught up by the run's next pruning); a KL reference
+    while the iteration goes on (the next training step and the end of the run wait for it); a KL reference
     step (`--kl-penalty-reference-step`) is kept.
     """
     from codreamer.checkpoints import prune_checkpoints, schedule_backend_pruning
@@ -690,6 +689,9 @@ async def _iterate(run: Run, total: int, evaluate_every: int) -> list[dict[str, 
 
 
 async def _finish(run: Run) -> None:
+    from codreamer.checkpoints import wait_for_pruning
+
+    await wait_for_pruning()  # an ART backend's checkpoint pruning still running is not cut short
     logger.info("done: run {} at step {}; history in {}", run.run_id, await run.model.get_step(), run.history_path)
 
 
