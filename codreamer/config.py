@@ -37,7 +37,7 @@ class RolloutConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     max_turns: int = Field(default=2, ge=1)
-    max_tokens: int = Field(default=200, ge=1)
+    max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.7, ge=0.0)
     request_timeout_s: float = Field(default=120.0, gt=0)
     inference_attempts: int = Field(default=3, ge=1)
@@ -147,7 +147,9 @@ class Settings(BaseSettings):
         default=2, ge=1, description="Agent turns before the email is auto-finalised (look up, then finalise: 2)."
     )
     max_tokens: int = Field(
-        default=200, ge=1, description="New tokens per model call (a finalize_email call with a ~90-word email needs ~170)."
+        default=256,
+        ge=1,
+        description="New tokens per model call (a finalize_email call with a ~90-word email needs ~170; a cut one fails).",
     )
     temperature: float = Field(default=0.7, ge=0, description="Sampling temperature of the policy.")
     rollout_concurrency: int = Field(

@@ -252,7 +252,7 @@ def test_online_with_a_key_starts_wandb_then_weave_with_its_write_ahead_log(tmp_
     assert kwargs["id"] == wandb_run_id("codreamer", "run-1") and kwargs["dir"] == str(tmp_path / "run-1")
     assert kwargs["project"] == "codreamer" and kwargs["settings"]["init_timeout"] == 5
     assert kwargs["settings"]["finish_timeout"] > 0 and "wandb_api_key" not in kwargs["config"]
-    assert kwargs["config"]["max_tokens"] == 200 and kwargs["config"]["group_size"] == 4
+    assert kwargs["config"]["max_tokens"] == 256 and kwargs["config"]["group_size"] == 4
     assert KEY.get_secret_value() not in json.dumps(kwargs, default=str)
     [(project, post_inputs, post_output)] = weave.inits
     assert project == "team-x/codreamer" and post_inputs is compact_inputs and post_output is compact_payload
