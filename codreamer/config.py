@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=REPO_DATA_DIR, description="Folder with prospects.jsonl, splits.json, product.json.")
 
     # --- loop ----------------------------------------------------------------------------
-    iterations: int = Field(default=4, ge=1, description="Learning-loop iterations (one GRPO step each).")
+    iterations: int = Field(default=3, ge=1, description="Learning-loop iterations (one GRPO step each).")
     epochs: int = Field(default=1, ge=1, description="`train`: passes over the training scenarios.")
     max_steps: int | None = Field(default=None, ge=1, description="`train`: stop after this many steps (default: all epochs).")
     scenarios_per_step: int = Field(default=2, ge=1, description="Training scenarios (GRPO groups) per step.")
@@ -173,7 +173,7 @@ class Settings(BaseSettings):
         default="SmolLM2-135M-Instruct",
         description="Base model. The embedded backend ships SmolLM2-135M-Instruct; others take a HF id.",
     )
-    learning_rate: float = Field(default=1e-4, gt=0, description="GRPO learning rate.")
+    learning_rate: float = Field(default=5e-5, gt=0, description="GRPO learning rate.")
     lora_rank: int = Field(default=16, ge=1, description="LoRA rank (embedded backend).")
     train_retries: int = Field(default=3, ge=1, description="Attempts of a training step on transient errors.")
     model_cache_dir: Path = Field(
