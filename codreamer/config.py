@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 BackendKind = Literal["embedded", "local", "serverless"]
 #: How rollouts call the policy: "direct" (aiohttp, no SDK) or "openai" (ART's OpenAI client);
-#: see `codreamer.training.policy_client`.
+#: see `codreamer.agent.policy_client`.
 InferenceClientKind = Literal["direct", "openai"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -10,7 +10,7 @@ real path: `generate_trajectories` (semaphore-bounded, `art.gather_trajectory_gr
 `rollout` (the OpenAI client, tool execution, trajectory building), inside the local trace
 recorder as in a run. Reported:
 
-* for each policy client (`codreamer.training.policy_client`: "openai" = ART's OpenAI
+* for each policy client (`codreamer.agent.policy_client`: "openai" = ART's OpenAI
   client, "direct" = aiohttp without the SDK, the embedded default), alternating: wall time
   of 1 rollout and of `--rollouts` rollouts at each concurrency limit (the default list is
   Settings' `rollout_concurrency` and `--rollouts`), the ratio to one rollout, and the
@@ -152,7 +152,7 @@ class CallTimer:
 async def run(args: argparse.Namespace) -> None:
     import art
 
-    import codreamer.training.rollout as rollout_module
+    import codreamer.agent.rollout as rollout_module
     from codreamer.config import InferenceClientKind, Settings
     from codreamer.data import load_task_data
     from codreamer.local_trace import recording_to

@@ -220,7 +220,7 @@ def table(directory: Path) -> list[dict[str, Any]]:
         ("RuntimeError", "boom", "judge", C.JUDGE_ERROR),
         ("RuntimeError", "boom", "rollout", C.ROLLOUT_CRASH),
         # the module path must not decide: "training" / "Ruler" only count in the class name
-        ("<class 'codreamer.training.rollout.Boom'>", "x", "rollout", C.ROLLOUT_CRASH),
+        ("<class 'codreamer.agent.rollout.Boom'>", "x", "rollout", C.ROLLOUT_CRASH),
     ],
 )
 def test_categorize_exception(type_name: str, message: str, stage: str, expected: FailureCategory) -> None:

@@ -1,4 +1,4 @@
-"""GRPO advantages and batches (`codreamer.training.grpo`) and the embedded `Policy` on a tiny model.
+"""GRPO advantages and batches (`codreamer.backends.embedded.grpo`) and the embedded `Policy` on a tiny model.
 
 The policy tests never load SmolLM2: they wrap a randomly initialised 2-layer Llama with a
 64-token vocabulary, so every forward pass takes milliseconds. The loss, the micro-batched
@@ -26,7 +26,7 @@ from codreamer.backends.embedded.policy import (
     trainable_shared_prefix,
 )
 from codreamer.config import GRPOConfig
-from codreamer.training.grpo import (
+from codreamer.backends.embedded.grpo import (
     MissingTokenIds,
     build_grpo_batch,
     group_advantages,

@@ -1,4 +1,4 @@
-"""The two policy clients (`codreamer.training.policy_client`): same episodes, same errors."""
+"""The two policy clients (`codreamer.agent.policy_client`): same episodes, same errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from aiohttp import web
 from codreamer.config import RolloutConfig, Settings
 from codreamer.domain import Company, Product, Prospect, Scenario
 from codreamer.retry import is_transient
-from codreamer.training.policy_client import DirectPolicyClient, InvalidPolicyResponseError, open_policy_client
-from codreamer.training.rollout import rollout
+from codreamer.agent.policy_client import DirectPolicyClient, InvalidPolicyResponseError, open_policy_client
+from codreamer.agent.rollout import rollout
 
 try:  # tests/ is a rootdir (no __init__.py): pytest puts it on sys.path
     from loopback import Call, Delay, HTTPError, LoopbackOpenAI

@@ -36,7 +36,7 @@ from codreamer.pipeline.state import (
     save_state,
 )
 from codreamer.retry import RetryCounter, RetryPolicy, TransientError, counting_retries, is_transient
-from codreamer.training.rollout import rollout
+from codreamer.agent.rollout import rollout
 from loopback import Call, Delay, HTTPError, LoopbackOpenAI
 
 FINAL = {"subject": "Leipzig and audits", "body": "Hi Ana, congrats on Leipzig. FreightPilot cuts audits. Sam"}
@@ -45,7 +45,7 @@ FAST = dict(inference_attempts=3, retry_initial_s=0.0, retry_max_s=0.0)
 
 @pytest.fixture(params=["openai", "direct"])
 def client(request: pytest.FixtureRequest) -> str:
-    """Every inference-retry test runs on both policy clients (`codreamer.training.policy_client`)."""
+    """Every inference-retry test runs on both policy clients (`codreamer.agent.policy_client`)."""
     return request.param
 
 

@@ -1,4 +1,4 @@
-"""The agent episode (`codreamer.training.rollout`) against a scripted loopback server."""
+"""The agent episode (`codreamer.agent.rollout`) against a scripted loopback server."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from codreamer.agent.prompts import NUDGE_MESSAGE, initial_messages
 from codreamer.agent.tools import TOOLS, execute_tool
 from codreamer.config import RolloutConfig
 from codreamer.domain import Company, Email, Product, Prospect, Scenario
-from codreamer.training.rollout import (
+from codreamer.agent.rollout import (
     METADATA_KEYS,
     auto_finalize_email,
     clean_assistant_text,
@@ -322,7 +322,7 @@ def test_trajectory_id_function() -> None:
 def test_request_messages_match_art_get_messages() -> None:
     from art.trajectories import get_messages
 
-    from codreamer.training.rollout import request_messages
+    from codreamer.agent.rollout import request_messages
 
     choice = Choice.model_validate(
         {

@@ -207,7 +207,7 @@ def test_timed_call_measures_sets_usage_and_counts_errors() -> None:
 async def test_rollout_records_policy_calls_and_tokens() -> None:
     from codreamer.config import REPO_DATA_DIR
     from codreamer.data import load_task_data
-    from codreamer.training.rollout import rollout
+    from codreamer.agent.rollout import rollout
 
     task = load_task_data(REPO_DATA_DIR)
     scenario = task.train[0]

@@ -528,7 +528,7 @@ class FailureCollector:
         unique: Callable[[str], str],
         **common: Any,
     ) -> list[Failure]:
-        from codreamer.training.rollout import partial_episode  # the note's format lives with the rollout
+        from codreamer.agent.rollout import partial_episode  # the note's format lives with the rollout
 
         gmeta = group.metadata or {}
         g_scenario = gmeta.get("scenario_id")

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import art
 
-from codreamer.training.policy_client import open_policy_client
-from codreamer.training.rollout import rollout
+from codreamer.agent.policy_client import open_policy_client
+from codreamer.agent.rollout import rollout
 
 if TYPE_CHECKING:
     from codreamer.config import RolloutConfig

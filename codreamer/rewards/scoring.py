@@ -32,7 +32,7 @@ from codreamer.local_trace import traced
 from codreamer.rewards.blend import OutcomeFlags, RewardMixConfig, compute_rewards
 from codreamer.rewards.rubric import RubricScore, score_email
 from codreamer.rewards.simulator import ProspectSimulator
-from codreamer.training.rollout import email_from_trajectory
+from codreamer.agent.rollout import email_from_trajectory
 
 
 class OutcomeStore(Protocol):

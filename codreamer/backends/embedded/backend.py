@@ -31,7 +31,7 @@ from codreamer.backends.embedded.server import PolicyServer
 from codreamer.backends.embedded.sft import sft_sequence
 from codreamer.backends.embedded.weights import load_embedded_model
 from codreamer.config import GRPOConfig
-from codreamer.training.grpo import build_grpo_batch
+from codreamer.backends.embedded.grpo import build_grpo_batch
 
 CHECKPOINT_DIR_RE = re.compile(r"^\d{4,}$")
 #: Trajectories per SFT optimizer step when ART's config says "auto".

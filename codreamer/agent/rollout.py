@@ -1,7 +1,7 @@
 """One agent episode: the policy looks up facts with tools and writes an outreach email.
 
 `rollout` runs a multi-turn tool-calling loop against the model's chat endpoint (through a
-`codreamer.training.policy_client.PolicyClient`) and returns
+`codreamer.agent.policy_client.PolicyClient`) and returns
 an `art.Trajectory` whose `messages_and_choices` holds the prompt messages, the sampled
 `Choice` objects (what ART trains on) and the tool results. The episode ends when the
 model calls `finalize_email` with a valid subject and body; if it never does within
@@ -34,7 +34,7 @@ from codreamer.config import RolloutConfig
 from codreamer.domain import Email, Product, Scenario
 from codreamer.local_trace import traced
 from codreamer.retry import RetryPolicy, retrying
-from codreamer.training.policy_client import PolicyClient, open_policy_client
+from codreamer.agent.policy_client import PolicyClient, open_policy_client
 from codreamer.usage import timed_llm_call
 
 __all__ = [
