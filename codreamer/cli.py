@@ -260,10 +260,11 @@ def _cmd_serve_events(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
+    from codreamer.analysis.analyzer import AnalyzerJudgeConfig
     from codreamer.analysis.commands import cmd_analyze
     from codreamer.runs import models_root
 
-    return cmd_analyze(models_root(settings), args.run_id, args.last, settings.analyzer_judge_config())
+    return cmd_analyze(models_root(settings), args.run_id, args.last, AnalyzerJudgeConfig.from_settings(settings))
 
 
 def codreamer_main(argv: Sequence[str] | None = None) -> int:

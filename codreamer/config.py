@@ -3,60 +3,33 @@
 `Settings` is read from (highest first) CLI flags, environment variables (`CODREAMER_*`,
 plus the usual `WANDB_*` / `WEAVE_PROJECT` names), a `.env` file, then the defaults below.
 It is flat on purpose: each field is one CLI flag (`--group-size`) and one env variable
-(`CODREAMER_GROUP_SIZE`). Stages receive the small frozen views (`RolloutConfig`, ...)
-so that they depend on what they use, not on the whole settings object.
+(`CODREAMER_GROUP_SIZE`). Stages receive small frozen views (`RolloutConfig`, `JudgeConfig`,
+...) built next to their user by `View.from_settings(settings)`; a view's defaults are read
+from here (`default_of`), so every default is written once.
+
+This module imports nothing from the project: every other module may import it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+import re
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from codreamer.analysis.analyzer import AnalyzerJudgeConfig
-    from codreamer.retry import RetryPolicy
-    from codreamer.rewards.blend import RewardMixConfig
-    from codreamer.rewards.ruler import JudgeConfig
-    from codreamer.usage import LLMPrices
 
 BackendKind = Literal["embedded", "local", "serverless"]
 #: How rollouts call the policy: "direct" (aiohttp, no SDK) or "openai" (ART's OpenAI client);
 #: see `codreamer.agent.policy_client`.
 InferenceClientKind = Literal["direct", "openai"]
 
+#: One folder name (run ids, project names): see `codreamer.paths`.
+SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DATA_DIR = PACKAGE_DIR.parent / "data"
-
-
-class RolloutConfig(BaseModel):
-    """How one agent episode runs."""
-
-    model_config = ConfigDict(frozen=True)
-
-    max_turns: int = Field(default=2, ge=1)
-    max_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.7, ge=0.0)
-    request_timeout_s: float = Field(default=120.0, gt=0)
-    inference_attempts: int = Field(default=3, ge=1)
-    retry_initial_s: float = Field(default=1.0, ge=0)
-    retry_max_s: float = Field(default=30.0, ge=0)
-    inference_client: InferenceClientKind = "openai"
-
-
-class GRPOConfig(BaseModel):
-    """One GRPO update on the embedded backend."""
-
-    model_config = ConfigDict(frozen=True)
-
-    learning_rate: float = Field(default=5e-5, gt=0)
-    lora_rank: int = Field(default=16, ge=1)
-    lora_alpha: int = Field(default=32, ge=1)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    micro_batch_tokens: int = Field(default=2048, ge=64)
-    seed: int = 0
 
 
 class Settings(BaseSettings):
@@ -120,9 +93,14 @@ class Settings(BaseSettings):
     @classmethod
     def _safe_folder_name(cls, value: str | None, info: ValidationInfo) -> str | None:
         """Run ids and project names become folders: one plain name (`codreamer.paths.SAFE_NAME_PATTERN`)."""
-        from codreamer.paths import check_name
-
-        return value if value is None else check_name(value, "run id" if info.field_name == "run_id" else "project name")
+        if value is None or re.fullmatch(SAFE_NAME_PATTERN, value):
+            return value
+        what = "run id" if info.field_name == "run_id" else "project name"
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise ValueError(
+            f"{what} {shown!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', no '..', no absolute path)"
+        )
 
     @field_validator("keep_last", mode="before")
     @classmethod
@@ -365,75 +343,6 @@ class Settings(BaseSettings):
     def resolved_events_path(self) -> Path:
         return self.events_path or self.runs_dir / self.project / "events.jsonl"
 
-    def reward_mix(self) -> RewardMixConfig:
-        from codreamer.rewards.blend import RewardMixConfig
-
-        return RewardMixConfig(
-            rubric_weight=self.rubric_weight, ruler_weight=self.ruler_weight, online_weight=self.online_weight
-        )
-
-    def judge_config(self) -> JudgeConfig | None:
-        if self.judge_model is None:
-            return None
-        from codreamer.rewards.ruler import JudgeConfig
-
-        return JudgeConfig(
-            model=self.judge_model,
-            base_url=self.judge_base_url,
-            api_key=self.judge_api_key,
-            timeout_s=self.judge_timeout_s,
-            attempts=self.judge_attempts,
-        )
-
-    def analyzer_judge_config(self) -> AnalyzerJudgeConfig | None:
-        """The failure analyzer's judge: the RULER judge's model, spoken to with the OpenAI client.
-
-        litellm model names carry a provider prefix (`openai/gpt-4o-mini`); the OpenAI client
-        wants the bare name, so an `openai/` prefix is dropped.
-        """
-        if self.judge_model is None:
-            return None
-        from codreamer.analysis.analyzer import AnalyzerJudgeConfig
-
-        return AnalyzerJudgeConfig(
-            model=self.judge_model.removeprefix("openai/"),
-            base_url=self.judge_base_url,
-            api_key=self.judge_api_key,
-            timeout_s=self.judge_timeout_s,
-            attempts=self.judge_attempts,
-        )
-
-    def llm_prices(self) -> LLMPrices:
-        """Prices of the usage ledger; the failure analyzer's judge is priced like the RULER judge."""
-        from codreamer.usage import KindPrices, LLMPrices
-
-        judge = KindPrices(
-            prompt_usd_per_mtok=self.judge_price_usd_per_mtok_in, completion_usd_per_mtok=self.judge_price_usd_per_mtok_out
-        )
-        policy = KindPrices(
-            prompt_usd_per_mtok=self.policy_price_usd_per_mtok_in, completion_usd_per_mtok=self.policy_price_usd_per_mtok_out
-        )
-        return LLMPrices(policy=policy, judge=judge, analyzer=judge)
-
-    def retry_policy(self, attempts: int | None = None) -> RetryPolicy:
-        from codreamer.retry import RetryPolicy
-
-        return RetryPolicy(
-            attempts=attempts or self.inference_attempts, initial_s=self.retry_initial_s, max_s=self.retry_max_s
-        )
-
-    def rollout_config(self) -> RolloutConfig:
-        return RolloutConfig(
-            max_turns=self.max_turns,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            request_timeout_s=self.request_timeout_s,
-            inference_attempts=self.inference_attempts,
-            retry_initial_s=self.retry_initial_s,
-            retry_max_s=self.retry_max_s,
-            inference_client=self.resolved_inference_client(),
-        )
-
     def resolved_inference_client(self) -> InferenceClientKind:
         """`inference_client` with "auto" decided: ART's LocalBackend/ServerlessBackend attach
         per-choice metadata through ART's own client, the embedded backend needs none."""
@@ -441,5 +350,7 @@ class Settings(BaseSettings):
             return self.inference_client
         return "direct" if self.backend == "embedded" else "openai"
 
-    def grpo_config(self) -> GRPOConfig:
-        return GRPOConfig(learning_rate=self.learning_rate, lora_rank=self.lora_rank, lora_alpha=2 * self.lora_rank, seed=self.seed)
+
+def default_of(name: str) -> Any:
+    """The default of a setting, for the views built from `Settings` (one place per default)."""
+    return Settings.model_fields[name].default

@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from codreamer.config import SAFE_NAME_PATTERN
 from codreamer.errors import UsageError
-
-SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 _SAFE_NAME = re.compile(SAFE_NAME_PATTERN)
 
 

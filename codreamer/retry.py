@@ -24,6 +24,8 @@ from loguru import logger
 from pydantic import BaseModel, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from codreamer.config import Settings, default_of
+
 __all__ = ["RetryCounter", "RetryPolicy", "TransientError", "counting_retries", "is_transient", "retrying"]
 
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -37,9 +39,14 @@ class TransientError(RuntimeError):
 class RetryPolicy(BaseModel):
     """How many tries in all, and the backoff between them (exponential, jittered, capped)."""
 
-    attempts: int = Field(default=3, ge=1)
-    initial_s: float = Field(default=1.0, ge=0)
-    max_s: float = Field(default=30.0, ge=0)
+    attempts: int = Field(default=default_of("inference_attempts"), ge=1)
+    initial_s: float = Field(default=default_of("retry_initial_s"), ge=0)
+    max_s: float = Field(default=default_of("retry_max_s"), ge=0)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, attempts: int | None = None) -> RetryPolicy:
+        """The settings' backoff; `attempts` defaults to the model-call attempts."""
+        return cls(attempts=attempts or settings.inference_attempts, initial_s=settings.retry_initial_s, max_s=settings.retry_max_s)
 
 
 def is_transient(exc: BaseException) -> bool:

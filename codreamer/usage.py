@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from codreamer.config import Settings
+
 __all__ = [
     "KINDS",
     "KindPrices",
@@ -85,6 +87,19 @@ class LLMPrices(BaseModel):
     policy: KindPrices = Field(default_factory=KindPrices)
     judge: KindPrices = Field(default_factory=KindPrices)
     analyzer: KindPrices = Field(default_factory=KindPrices)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LLMPrices:
+        """Prices of the usage ledger; the failure analyzer's judge is priced like the RULER judge."""
+        judge = KindPrices(
+            prompt_usd_per_mtok=settings.judge_price_usd_per_mtok_in,
+            completion_usd_per_mtok=settings.judge_price_usd_per_mtok_out,
+        )
+        policy = KindPrices(
+            prompt_usd_per_mtok=settings.policy_price_usd_per_mtok_in,
+            completion_usd_per_mtok=settings.policy_price_usd_per_mtok_out,
+        )
+        return cls(policy=policy, judge=judge, analyzer=judge)
 
     def for_kind(self, kind: str) -> KindPrices:
         value = getattr(self, kind, None)

@@ -112,7 +112,7 @@ def peak_rss_mb() -> float:
 def run_ours(args: argparse.Namespace) -> ChildResult:
     """Warm-up + `args.steps` steps of CoDreamer's embedded policy (sample, score, train)."""
     from codreamer.backends.embedded.policy import Policy, TrainSequence
-    from codreamer.config import GRPOConfig
+    from codreamer.backends.embedded.policy import GRPOConfig
     from codreamer.backends.embedded.grpo import group_advantages
 
     base, tokenizer, load_s = load_model(args.cache_dir)

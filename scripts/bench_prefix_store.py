@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> None:
 
     from codreamer.backends.embedded.policy import Policy
     from codreamer.backends.embedded.weights import load_embedded_model
-    from codreamer.config import GRPOConfig, Settings
+    from codreamer.backends.embedded.policy import GRPOConfig
+    from codreamer.config import Settings
 
     torch.set_num_threads(args.threads)
     base, tokenizer = load_embedded_model(Settings(wandb=False).model_cache_dir)

@@ -153,6 +153,7 @@ async def run(args: argparse.Namespace) -> None:
     import art
 
     import codreamer.agent.rollout as rollout_module
+    from codreamer.agent.rollout import RolloutConfig
     from codreamer.config import InferenceClientKind, Settings
     from codreamer.data import load_task_data
     from codreamer.local_trace import recording_to
@@ -183,7 +184,7 @@ async def run(args: argparse.Namespace) -> None:
     )
 
     def plan(kind: InferenceClientKind, size: int, concurrency: int) -> RolloutPlan:
-        config = settings.rollout_config().model_copy(update={"inference_client": kind})
+        config = RolloutConfig.from_settings(settings).model_copy(update={"inference_client": kind})
         return RolloutPlan(task.product, config, size, concurrency, settings.max_exceptions, settings.seed)
 
     step = 0

@@ -662,7 +662,8 @@ def test_log_to_wandb_offline_logs_table_and_artifact(tmp_path: Path, monkeypatc
 async def test_real_stages_with_injected_crash_and_judge_error(tmp_path: Path) -> None:
     """generate_trajectories + RewardScorer (with a judge) against a loopback server: one
     rollout crashes (429), the judge refuses (401); every failure lands once, usage counted."""
-    from codreamer.config import REPO_DATA_DIR, RolloutConfig
+    from codreamer.agent.rollout import RolloutConfig
+    from codreamer.config import REPO_DATA_DIR
     from codreamer.data import load_task_data
     from codreamer.pipeline.stages import RolloutPlan, generate_trajectories
     from codreamer.rewards.blend import RewardMixConfig
@@ -711,7 +712,8 @@ async def test_real_stages_with_injected_crash_and_judge_error(tmp_path: Path) -
 async def test_a_rollout_that_crashes_mid_episode_keeps_its_conversation_so_far(tmp_path: Path) -> None:
     """The exception of a failed rollout carries the turns before the crash (an exception
     note that ART's traceback text keeps); the failure's input is the prompt plus those turns."""
-    from codreamer.config import REPO_DATA_DIR, RolloutConfig
+    from codreamer.agent.rollout import RolloutConfig
+    from codreamer.config import REPO_DATA_DIR
     from codreamer.data import load_task_data
     from codreamer.pipeline.stages import RolloutPlan, generate_trajectories
 

@@ -11,7 +11,7 @@ import art
 import numpy as np
 import pytest
 
-from codreamer.config import RolloutConfig
+from codreamer.agent.rollout import RolloutConfig
 from codreamer.domain import Company, Product, Prospect, Scenario
 from codreamer.pipeline.evaluation import (
     EvalSummary,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import art
 import pytest
 
-from codreamer.config import RolloutConfig, Settings
+from codreamer.agent.rollout import RolloutConfig
+from codreamer.config import Settings
 from codreamer.data import load_task_data
 from codreamer.pipeline.evaluation import generate_eval_groups
 from codreamer.pipeline.fanout import RolloutJob, fan_out_rollouts

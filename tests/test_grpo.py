@@ -25,7 +25,7 @@ from codreamer.backends.embedded.policy import (
     inverse_cdf_sample,
     trainable_shared_prefix,
 )
-from codreamer.config import GRPOConfig
+from codreamer.backends.embedded.policy import GRPOConfig
 from codreamer.backends.embedded.grpo import (
     MissingTokenIds,
     build_grpo_batch,

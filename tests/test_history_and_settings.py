@@ -15,6 +15,8 @@ from types import ModuleType
 import pytest
 from pydantic import ValidationError
 
+from codreamer.agent.rollout import RolloutConfig
+from codreamer.backends.embedded.policy import GRPOConfig
 from codreamer.config import Settings
 from codreamer.domain import Company, Prospect, Scenario
 from codreamer.pipeline.history import append_record, read_history
@@ -215,9 +217,9 @@ def test_group_size_of_one_is_refused(clean_env: Path, monkeypatch: pytest.Monke
 
 def test_settings_views_carry_the_values(clean_env: Path) -> None:
     settings = Settings(max_turns=2, max_tokens=17, temperature=0.5, lora_rank=8, learning_rate=1e-4, seed=3)
-    rollout = settings.rollout_config()
+    rollout = RolloutConfig.from_settings(settings)
     assert (rollout.max_turns, rollout.max_tokens, rollout.temperature) == (2, 17, 0.5)
-    grpo = settings.grpo_config()
+    grpo = GRPOConfig.from_settings(settings)
     assert (grpo.lora_rank, grpo.lora_alpha, grpo.learning_rate, grpo.seed) == (8, 16, 1e-4, 3)
 
 

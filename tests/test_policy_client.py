@@ -11,7 +11,8 @@ import openai
 import pytest
 from aiohttp import web
 
-from codreamer.config import RolloutConfig, Settings
+from codreamer.agent.rollout import RolloutConfig
+from codreamer.config import Settings
 from codreamer.domain import Company, Product, Prospect, Scenario
 from codreamer.retry import is_transient
 from codreamer.agent.policy_client import DirectPolicyClient, InvalidPolicyResponseError, open_policy_client
@@ -235,4 +236,4 @@ def test_direct_client_sends_the_key_only_in_its_header() -> None:
 )
 def test_auto_picks_the_direct_client_only_for_the_embedded_backend(backend: str, setting: str, resolved: str) -> None:
     settings = Settings(backend=backend, inference_client=setting, wandb=False)
-    assert settings.rollout_config().inference_client == resolved
+    assert RolloutConfig.from_settings(settings).inference_client == resolved

@@ -19,7 +19,8 @@ import pytest
 from openai.types.chat.chat_completion import Choice
 
 from codreamer.analysis.collector import FailureCollector, load_failures
-from codreamer.config import RolloutConfig, Settings
+from codreamer.agent.rollout import RolloutConfig
+from codreamer.config import Settings
 from codreamer.domain import Product, Prospect, Scenario
 from codreamer.pipeline.loop import ResumeConfigError, check_resume_settings, discard_uncommitted_checkpoints
 from codreamer.pipeline.fanout import RolloutFailuresError

@@ -11,7 +11,7 @@ from openai.types.chat.chat_completion import Choice
 
 from codreamer.agent.prompts import NUDGE_MESSAGE, initial_messages
 from codreamer.agent.tools import TOOLS, execute_tool
-from codreamer.config import RolloutConfig
+from codreamer.agent.rollout import RolloutConfig
 from codreamer.domain import Company, Email, Product, Prospect, Scenario
 from codreamer.agent.rollout import (
     METADATA_KEYS,

@@ -22,7 +22,7 @@ from codreamer.backends.embedded.batcher import SamplingBatcher
 from codreamer.backends.embedded.chat_format import to_chatml_messages
 from codreamer.backends.embedded.policy import Policy, Sample
 from codreamer.backends.embedded.server import BadRequest, PolicyServer, parse_request
-from codreamer.config import GRPOConfig
+from codreamer.backends.embedded.policy import GRPOConfig
 
 pytestmark = pytest.mark.timeout(60)
 

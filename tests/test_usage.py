@@ -10,7 +10,8 @@ from typing import Any
 import art
 import pytest
 
-from codreamer.config import RolloutConfig, Settings
+from codreamer.agent.rollout import RolloutConfig
+from codreamer.config import Settings
 from codreamer.pipeline.history import append_record, read_history
 from codreamer.usage import (
     KindPrices,
@@ -99,11 +100,11 @@ def test_cost_only_where_a_price_applies() -> None:
 
 def test_settings_prices_view() -> None:
     settings = Settings(policy_price_usd_per_mtok_in=0.1, judge_price_usd_per_mtok_out=4.0)
-    prices = settings.llm_prices()
+    prices = LLMPrices.from_settings(settings)
     assert prices.policy == KindPrices(prompt_usd_per_mtok=0.1)
     assert prices.judge == KindPrices(completion_usd_per_mtok=4.0)
     assert prices.analyzer == prices.judge
-    assert not Settings().llm_prices().policy.priced
+    assert not LLMPrices.from_settings(Settings()).policy.priced
 
 
 def test_restore_from_a_history_record(tmp_path: Path) -> None:

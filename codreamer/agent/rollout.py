@@ -27,10 +27,11 @@ import art
 import weave
 from loguru import logger
 from openai.types.chat.chat_completion import Choice
+from pydantic import BaseModel, ConfigDict, Field
 
 from codreamer.agent.prompts import NUDGE_MESSAGE, initial_messages
 from codreamer.agent.tools import FINALIZE_EMAIL, LOOKUP_COMPANY, LOOKUP_PROSPECT, TOOLS, execute_tool
-from codreamer.config import RolloutConfig
+from codreamer.config import InferenceClientKind, Settings, default_of
 from codreamer.domain import Email, Product, Scenario
 from codreamer.local_trace import traced
 from codreamer.retry import RetryPolicy, retrying
@@ -39,6 +40,7 @@ from codreamer.usage import timed_llm_call
 
 __all__ = [
     "METADATA_KEYS",
+    "RolloutConfig",
     "PARTIAL_EPISODE_NOTE",
     "auto_finalize_email",
     "clean_assistant_text",
@@ -46,6 +48,37 @@ __all__ = [
     "rollout",
     "trajectory_id",
 ]
+
+
+class RolloutConfig(BaseModel):
+    """How one agent episode runs (defaults: the settings' defaults)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_turns: int = Field(default=default_of("max_turns"), ge=1)
+    max_tokens: int = Field(default=default_of("max_tokens"), ge=1)
+    temperature: float = Field(default=default_of("temperature"), ge=0.0)
+    request_timeout_s: float = Field(default=default_of("request_timeout_s"), gt=0)
+    inference_attempts: int = Field(default=default_of("inference_attempts"), ge=1)
+    retry_initial_s: float = Field(default=default_of("retry_initial_s"), ge=0)
+    retry_max_s: float = Field(default=default_of("retry_max_s"), ge=0)
+    #: The settings' "auto" is decided by the backend (`Settings.resolved_inference_client`);
+    #: a view built by hand talks through ART's OpenAI client, which every backend serves.
+    inference_client: InferenceClientKind = "openai"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RolloutConfig:
+        return cls(
+            max_turns=settings.max_turns,
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            request_timeout_s=settings.request_timeout_s,
+            inference_attempts=settings.inference_attempts,
+            retry_initial_s=settings.retry_initial_s,
+            retry_max_s=settings.retry_max_s,
+            inference_client=settings.resolved_inference_client(),
+        )
+
 
 #: Keys always present in `Trajectory.metadata` of a rollout.
 METADATA_KEYS: tuple[str, ...] = (

@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from codreamer.config import Settings
 from codreamer.analysis.categories import PRIORITY, FailureCategory, sort_categories
 from codreamer.analysis.collector import FAILURES_FILE, Failure, load_failures
 from codreamer.paths import check_name, is_inside, is_safe_name
@@ -223,6 +224,23 @@ class AnalyzerJudgeConfig(BaseModel):
     backoff_initial_s: float = Field(default=1.0, ge=0)
     backoff_max_s: float = Field(default=20.0, ge=0)
     max_tokens: int = Field(default=1200, ge=64)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AnalyzerJudgeConfig | None:
+        """The RULER judge's model, spoken to with the OpenAI client; None without a judge.
+
+        litellm model names carry a provider prefix (`openai/gpt-4o-mini`); the OpenAI client
+        wants the bare name, so an `openai/` prefix is dropped.
+        """
+        if settings.judge_model is None:
+            return None
+        return cls(
+            model=settings.judge_model.removeprefix("openai/"),
+            base_url=settings.judge_base_url,
+            api_key=settings.judge_api_key,
+            timeout_s=settings.judge_timeout_s,
+            attempts=settings.judge_attempts,
+        )
 
 
 # --------------------------------------------------------------------------- helpers

@@ -133,11 +133,12 @@ def create_backend(settings: Settings) -> Any:
     options = train_options(settings)
     if settings.backend == "embedded":
         from codreamer.backends.embedded.backend import EmbeddedBackend
+        from codreamer.backends.embedded.policy import GRPOConfig
 
         threads = torch_threads(settings)
         backend = EmbeddedBackend(
             settings.model_cache_dir,
-            settings.grpo_config(),
+            GRPOConfig.from_settings(settings),
             max_batch=settings.rollout_concurrency * 2,
             threads=threads,
             prefix_store_bytes=settings.prefix_store_mb * 2**20,

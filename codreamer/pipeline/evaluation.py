@@ -32,7 +32,7 @@ from codreamer.runs import write_json_atomic
 if TYPE_CHECKING:
     import art
 
-    from codreamer.config import RolloutConfig
+    from codreamer.agent.rollout import RolloutConfig
     from codreamer.domain import Product, Scenario
 
 __all__ = [

@@ -23,7 +23,7 @@ from codreamer.agent.policy_client import open_policy_client
 from codreamer.agent.rollout import rollout
 
 if TYPE_CHECKING:
-    from codreamer.config import RolloutConfig
+    from codreamer.agent.rollout import RolloutConfig
     from codreamer.domain import Product, Scenario
 
 __all__ = ["RolloutFailuresError", "RolloutJob", "check_rollout_failures", "fan_out_rollouts"]

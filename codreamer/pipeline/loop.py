@@ -25,6 +25,7 @@ import art
 import weave
 from loguru import logger
 
+from codreamer.agent.rollout import RolloutConfig
 from codreamer.analysis.collector import FailureCollector
 from codreamer.backends.factory import create_backend
 from codreamer.config import Settings
@@ -70,12 +71,14 @@ from codreamer.pipeline.state import (
     save_work,
     stage_reached,
 )
-from codreamer.retry import RetryCounter, counting_retries
+from codreamer.retry import RetryCounter, RetryPolicy, counting_retries
+from codreamer.rewards.blend import RewardMixConfig
+from codreamer.rewards.ruler import JudgeConfig
 from codreamer.rewards.scoring import RewardScorer, ScoringSummary
 from codreamer.rewards.simulator import ProspectSimulator
 from codreamer.runs import ITERATIONS_FILE, LOG_FILE, RUN_FILE, new_run_id, read_run_file, run_dir, write_json_atomic
 from codreamer.tracking import TrackingSession, init_tracking
-from codreamer.usage import UsageLedger, using_ledger
+from codreamer.usage import LLMPrices, UsageLedger, using_ledger
 
 LoopKind = Literal["learn-loop", "train"]
 T = TypeVar("T")
@@ -200,8 +203,8 @@ def build_scorer(settings: Settings, task: TaskData, *, online: bool) -> RewardS
         logger.info("no judge configured (--judge-model): RULER is left out and the other parts renormalised")
     return RewardScorer(
         task.product,
-        settings.reward_mix(),
-        judge=settings.judge_config(),
+        RewardMixConfig.from_settings(settings),
+        judge=JudgeConfig.from_settings(settings),
         events=events,
         simulator=simulator,
         auto_finalize_factor=settings.auto_finalize_factor,
@@ -247,7 +250,7 @@ async def open_run(settings: Settings, kind: LoopKind) -> AsyncIterator[Run]:
         await model.register(backend)
         plan = RolloutPlan(
             product=task.product,
-            config=settings.rollout_config(),
+            config=RolloutConfig.from_settings(settings),
             group_size=settings.group_size,
             concurrency=settings.rollout_concurrency,
             max_exceptions=settings.max_exceptions,
@@ -268,7 +271,7 @@ async def open_run(settings: Settings, kind: LoopKind) -> AsyncIterator[Run]:
             scorer=scorer,
             failures=FailureCollector(directory, run_id, settings.low_reward_threshold, product=task.product),
             retries=RetryCounter.from_metrics(last),
-            usage=UsageLedger.from_totals(last, settings.llm_prices()),
+            usage=UsageLedger.from_totals(last, LLMPrices.from_settings(settings)),
             tracking=tracking,
             resume=state,
             config_hash=config_hash(settings),
@@ -427,7 +430,7 @@ async def _train(run: Run, progress: _Progress, groups: list[art.TrajectoryGroup
         "train",
         progress.timings,
         grpo_update(
-            run.backend, run.model, groups, learning_rate=settings.learning_rate, retry=settings.retry_policy(settings.train_retries)
+            run.backend, run.model, groups, learning_rate=settings.learning_rate, retry=RetryPolicy.from_settings(settings, settings.train_retries)
         ),
         iteration=progress.iteration,
         step=progress.step,

@@ -16,7 +16,7 @@ import art
 import weave
 from loguru import logger
 
-from codreamer.config import RolloutConfig
+from codreamer.agent.rollout import RolloutConfig
 from codreamer.local_trace import traced
 from codreamer.domain import Product, Scenario
 from codreamer.pipeline.fanout import RolloutJob, fan_out_rollouts

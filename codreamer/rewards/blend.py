@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from codreamer.config import Settings, default_of
+
 PART_NAMES = ("ruler", "rubric", "online")
 
 
@@ -21,15 +23,19 @@ class RewardMixConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    ruler_weight: float = Field(default=0.4, ge=0)
-    rubric_weight: float = Field(default=0.4, ge=0)
-    online_weight: float = Field(default=0.2, ge=0)
+    ruler_weight: float = Field(default=default_of("ruler_weight"), ge=0)
+    rubric_weight: float = Field(default=default_of("rubric_weight"), ge=0)
+    online_weight: float = Field(default=default_of("online_weight"), ge=0)
     replied_score: float = Field(default=1.0, ge=0, le=1, description="Online score of a replied email.")
     opened_score: float = Field(default=0.3, ge=0, le=1, description="Online score of an opened, unanswered email.")
     meeting_booked_score: float = Field(default=1.0, ge=0, le=1)
     unopened_score: float = Field(default=0.0, ge=0, le=1)
     bounced_score: float = Field(default=0.0, ge=0, le=1)
     unsubscribed_score: float = Field(default=0.0, ge=0, le=1)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RewardMixConfig:
+        return cls(rubric_weight=settings.rubric_weight, ruler_weight=settings.ruler_weight, online_weight=settings.online_weight)
 
     @model_validator(mode="after")
     def _some_weight(self) -> RewardMixConfig:

@@ -44,6 +44,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from codreamer.config import Settings, default_of
 from codreamer.local_trace import traced
 from codreamer.usage import art_judge_usage, timed_llm_call
 
@@ -88,11 +89,24 @@ class JudgeConfig(BaseModel):
     model: str = Field(description='litellm model name, e.g. "openai/gpt-4.1-mini".')
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint (litellm api_base).")
     api_key: SecretStr | None = Field(default=None, description="Judge API key; None: litellm reads the env.")
-    timeout_s: float = Field(default=60.0, gt=0, description="Per HTTP request.")
-    attempts: int = Field(default=3, ge=1, description="Tries in all, for transient errors only.")
+    timeout_s: float = Field(default=default_of("judge_timeout_s"), gt=0, description="Per HTTP request.")
+    attempts: int = Field(default=default_of("judge_attempts"), ge=1, description="Tries in all, for transient errors only.")
     backoff_initial_s: float = Field(default=1.0, ge=0)
     backoff_max_s: float = Field(default=20.0, ge=0)
     rubric: str | None = Field(default=None, description="None: ART's default RULER rubric.")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JudgeConfig | None:
+        """The RULER judge the settings name; None when `--judge-model` is unset (no judge)."""
+        if settings.judge_model is None:
+            return None
+        return cls(
+            model=settings.judge_model,
+            base_url=settings.judge_base_url,
+            api_key=settings.judge_api_key,
+            timeout_s=settings.judge_timeout_s,
+            attempts=settings.judge_attempts,
+        )
 
     def backoff_budget_s(self) -> float:
         """Longest total sleep between attempts (exponential + jitter, each capped)."""

@@ -30,7 +30,7 @@ from codreamer.backends.embedded.policy import DEFAULT_PREFIX_STORE_BYTES, Polic
 from codreamer.backends.embedded.server import PolicyServer
 from codreamer.backends.embedded.sft import sft_sequence
 from codreamer.backends.embedded.weights import load_embedded_model
-from codreamer.config import GRPOConfig
+from codreamer.backends.embedded.policy import GRPOConfig
 from codreamer.backends.embedded.grpo import build_grpo_batch
 
 CHECKPOINT_DIR_RE = re.compile(r"^\d{4,}$")

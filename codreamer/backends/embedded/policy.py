@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -33,7 +34,7 @@ from codreamer.backends.embedded.kv_cache import (
     row_keys_values,
 )
 from codreamer.backends.embedded.prefix_store import PrefixStore
-from codreamer.config import GRPOConfig
+from codreamer.config import Settings, default_of
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -42,6 +43,26 @@ OPTIMIZER_FILE = "optimizer.pt"
 MIN_SHARED_PREFIX = 16
 #: Default memory for the keys/values of recent conversations (`PrefixStore`).
 DEFAULT_PREFIX_STORE_BYTES = 512 * 2**20
+
+
+class GRPOConfig(BaseModel):
+    """One GRPO update on the embedded backend (defaults: the settings' defaults)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    learning_rate: float = Field(default=default_of("learning_rate"), gt=0)
+    lora_rank: int = Field(default=default_of("lora_rank"), ge=1)
+    lora_alpha: int = Field(default=2 * default_of("lora_rank"), ge=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    micro_batch_tokens: int = Field(default=2048, ge=64)
+    seed: int = default_of("seed")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GRPOConfig:
+        """LoRA alpha is twice the rank, the usual scale for a rank-r adapter."""
+        return cls(
+            learning_rate=settings.learning_rate, lora_rank=settings.lora_rank, lora_alpha=2 * settings.lora_rank, seed=settings.seed
+        )
 
 
 @dataclass
