@@ -20,6 +20,7 @@ import pytest
 from pydantic import BaseModel, SecretStr
 
 import codreamer.tracking as tracking
+from codreamer.tracking import process
 from codreamer.config import Settings
 from codreamer.tracking import (
     TRACKING_FILE,
@@ -45,9 +46,7 @@ def clean_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # no stray .env
-    monkeypatch.setattr(tracking, "_SESSIONS", {})
-    monkeypatch.setattr(tracking, "_OWNED_ENV", {})
-    monkeypatch.setattr(tracking, "_weave_project", None)
+    monkeypatch.setattr(process, "STATE", process.ProcessState())
 
 
 # --------------------------------------------------------------------------- test doubles

@@ -1,0 +1,101 @@
+"""What reaches W&B and Weave of a value: numeric metrics, and traces without payloads or secrets.
+
+Every op's inputs and outputs go through `compact_inputs` / `compact_payload` (Weave's
+client-level postprocessing, so the calls Weave patches in by itself are shaped too): token
+ids, logprobs and long numeric lists never reach a trace, strings are capped, secrets masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+
+from codreamer.local_trace import is_secret_name
+
+TOP_LEVEL_METRICS = frozenset({"iteration", "peak_rss_mb"})
+LARGE_KEYS = frozenset(
+    {
+        "logprobs", "top_logprobs", "token_logprobs", "token_ids", "prompt_token_ids", "completion_token_ids",
+        "input_ids", "logits",
+    }  # fmt: skip
+)
+MAX_TRACE_TEXT = 4000
+MAX_TRACE_ITEMS = 50
+MAX_NUMBERS = 32
+MAX_DEPTH = 8
+
+
+def metrics_for_wandb(record: Mapping[str, Any]) -> dict[str, int | float]:
+    """The numeric metrics of a history record: namespaced keys (`train/...`, `eval/...`,
+    `llm/...`, `time/...`, `score/...`, ...) and a few top-level numbers; NaN/inf are left out
+    (a missing point, not a fake one), booleans count as 0/1, identifiers and `step` are not metrics."""
+    out: dict[str, int | float] = {}
+    for key, value in record.items():
+        if "/" not in key and key not in TOP_LEVEL_METRICS:
+            continue
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, int | float) and math.isfinite(value):
+            out[key] = value
+    return out
+
+
+def _as_mapping(value: Any) -> Mapping[str, Any] | None:
+    if isinstance(value, Mapping):
+        return value
+    if isinstance(value, BaseModel):
+        try:
+            return value.model_dump(mode="python", exclude_none=True)
+        except Exception:  # noqa: BLE001 - an odd model is shown by its type name instead
+            return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return None
+
+
+def _compact_sequence(items: list[Any], depth: int) -> Any:
+    if len(items) > MAX_NUMBERS and all(isinstance(i, int | float) for i in items):
+        return f"<{len(items)} numbers omitted>"
+    shown = [compact_payload(i, depth + 1) for i in items[:MAX_TRACE_ITEMS]]
+    if len(items) > MAX_TRACE_ITEMS:
+        shown.append(f"<{len(items) - MAX_TRACE_ITEMS} more items omitted>")
+    return shown
+
+
+def compact_payload(value: Any, depth: int = 0) -> Any:
+    """What a trace keeps of a value: its readable parts, never token ids, logprobs or secrets.
+
+    Used as Weave's client-level postprocessing, so it also shapes the calls Weave patches
+    in by itself (OpenAI, litellm). It builds a new value and never mutates the original.
+    """
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, SecretStr):
+        return "***"
+    if isinstance(value, str):
+        return value if len(value) <= MAX_TRACE_TEXT else f"{value[:MAX_TRACE_TEXT]}... <{len(value)} chars>"
+    if isinstance(value, bytes | bytearray):
+        return f"<{len(value)} bytes>"
+    if depth >= MAX_DEPTH:
+        return f"<{type(value).__name__}>"
+    mapping = _as_mapping(value)
+    if mapping is not None:
+        return {str(k): _compact_item(str(k), v, depth + 1) for k, v in mapping.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return _compact_sequence(list(value), depth)
+    return f"<{type(value).__name__}>"  # clients, backends, tensors: named, never serialised
+
+
+def _compact_item(name: str, value: Any, depth: int) -> Any:
+    if name in LARGE_KEYS:
+        return "<omitted>"
+    return "***" if value and is_secret_name(name) else compact_payload(value, depth)
+
+
+def compact_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Weave's client-level input postprocessing: `compact_payload` of each argument."""
+    return {str(k): _compact_item(str(k), v, 1) for k, v in inputs.items()}
