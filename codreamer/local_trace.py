@@ -10,22 +10,21 @@ air-gapped, CI) would keep no trace at all; this module keeps one in every mode.
 `trace.jsonl` when it ends: name, ids of the call and its parent, start and end (UTC),
 duration, status, error, and a short summary of inputs and output (never a payload or a
 secret). Parents come from a context variable, so concurrent rollouts nest correctly.
-Each line is one `write` on an O_APPEND file under `flock`: it reaches the kernel at once
-and survives a crash of the process; the fsync is left to the iteration's history record,
-which is the commit point of an iteration. `codreamer trace RUN_ID` prints the tree.
+Each line is one locked append (`codreamer.storage.append_jsonl`, without fsync): it reaches
+the kernel at once and survives a crash of the process; the fsync is left to the iteration's
+history record, which is the commit point of an iteration. Inputs whose name says they are a
+credential (`codreamer.redaction.is_secret_name`) are shown as `***`.
+`codreamer trace RUN_ID` prints the tree.
 """
 
 from __future__ import annotations
 
 import contextvars
-import fcntl
 import functools
 import inspect
-import json
 import math
-import os
-import time
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,12 +34,10 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from loguru import logger
 
-from codreamer.pipeline.history import read_history
+from codreamer.redaction import MASK, is_secret_name
+from codreamer.storage import append_jsonl, read_jsonl
 
 TRACE_FILE = "trace.jsonl"
-SECRET_NAME = re.compile(
-    r"(api_?key|secret|passw(or)?d|authorization|credentials?|(access|auth|bearer|refresh|session)_?token)$|^(key|token)$"
-)
 GROUP_LEAVES_FROM = 5  # this many same-name leaf siblings in a row print as one line
 _SCENARIO_ID = re.compile(r"scenario_id='([^']*)'")
 
@@ -91,15 +88,10 @@ def _plain_attribute(value: Any, name: str) -> Any:
     return getattr(value, name, None) if hasattr(type(value), name) else None
 
 
-def is_secret_name(name: object) -> bool:
-    """True for names of credentials (`api_key`, `events_secret`, `auth_token`, ...), not `max_tokens`."""
-    return SECRET_NAME.search(str(name).lower()) is not None
-
-
 def _summarize_named(name: str, value: Any) -> Any:
     """Like `summarize`, but a value whose name says it is a credential is never shown."""
     if value is not None and is_secret_name(name):
-        return "***"
+        return MASK
     return summarize(value, 1)
 
 
@@ -111,22 +103,6 @@ def _inputs(signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: 
     except TypeError:
         return {}
     return {name: _summarize_named(name, value) for name, value in bound.arguments.items() if name not in ("self", "cls")}
-
-
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    """One whole line per `write`, under an exclusive lock; a torn last line is ended first."""
-    line = (json.dumps(record, default=str, allow_nan=False) + "\n").encode()
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            line = b"\n" + line
-        os.write(fd, line)
-    finally:
-        os.close(fd)
 
 
 class _Span:
@@ -141,7 +117,7 @@ class _Span:
     def close(self, output: Any, error: BaseException | None) -> None:
         _parent.reset(self.token)
         try:
-            _append_line(self.path, self._record(output, error))
+            append_jsonl(self.path, [self._record(output, error)], fsync=False)
         except (OSError, TypeError, ValueError) as exc:  # a full disk must not fail a finished call
             logger.warning("span {} not recorded in {}: {}", self.name, self.path, exc)
 
@@ -225,7 +201,7 @@ def traced(fn: Callable[P, R] | None = None, /, *, name: str | None = None) -> A
 
 def read_trace(run_directory: Path) -> list[dict[str, Any]]:
     """Every span recorded for the run (a torn last line, from a crash, is skipped)."""
-    records, _ = read_history(run_directory / TRACE_FILE)
+    records, _ = read_jsonl(run_directory / TRACE_FILE)
     return [r for r in records if isinstance(r, dict) and "span_id" in r and "start" in r]
 
 

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +23,11 @@ from loguru import logger
 
 from codreamer.checkpoints import best_checkpoint, heldout_scores
 from codreamer.pipeline.evaluation import TOTAL, EvalSummary, compare_evaluations, load_evaluations
+from codreamer.markdown import table as _table
 from codreamer.pipeline.history import read_history
+from codreamer.redaction import is_secret_name
 from codreamer.runs import ITERATIONS_FILE, RUN_FILE
+from codreamer.storage import write_atomic
 
 __all__ = ["REPORT_FILE", "CURVE_FILE", "RunData", "load_run", "run_summary", "write_run_report"]
 
@@ -36,8 +35,6 @@ REPORT_FILE = "report.md"
 #: Written by `codreamer.pipeline.warm_start` (read here as plain JSON: reports import no ART).
 WARM_START_FILE = "warm_start.json"
 CURVE_FILE = "reward_curve.png"
-#: Setting names never printed, whatever run.json holds (it should hold none of them).
-_SECRET_NAME = re.compile(r"api_key|secret|password|credential|token$", re.IGNORECASE)
 #: Metrics that are not reward parts: a duplicate of the total and a 0/1 flag.
 _NOT_PLOTTED = {"reward/total", "reward/renormalized"}
 
@@ -143,14 +140,10 @@ def _summary(data: RunData) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ markdown
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-
-
 def _public_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings without any whose name says it is a credential (run.json should hold none)."""
     settings = meta.get("settings") or {}
-    return {k: v for k, v in sorted(settings.items()) if not _SECRET_NAME.search(k)}
+    return {k: v for k, v in sorted(settings.items()) if not is_secret_name(k)}
 
 
 def _overview(data: RunData, summary: dict[str, Any]) -> list[str]:
@@ -470,29 +463,16 @@ def plot_reward_curve(data: RunData, path: Path) -> Path:
     if handles:
         axes[0].legend(handles, labels, fontsize="small", loc="best")
     fig.suptitle(f"Reward curve: {data.run_id}")
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
 # ------------------------------------------------------------------------------ writing
-def _atomic(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     """Write `report.md` and `reward_curve.png` into the run directory; return their paths."""
     data = load_run(run_dir)
     markdown = data.directory / REPORT_FILE
-    _atomic(markdown, lambda tmp: tmp.write_text(render_markdown(data), encoding="utf-8"))
+    write_atomic(markdown, lambda tmp: tmp.write_text(render_markdown(data), encoding="utf-8"))
     curve = plot_reward_curve(data, data.directory / CURVE_FILE)
     logger.info("report of run {}: {} and {}", data.run_id, markdown, curve)
     return markdown, curve

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -21,14 +21,24 @@ from typing import Any
 import httpx
 import openai
 from loguru import logger
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from codreamer.config import Settings, default_of
+from codreamer.redaction import redact
 
-__all__ = ["RetryCounter", "RetryPolicy", "TransientError", "counting_retries", "is_transient", "retrying"]
+__all__ = [
+    "RetryCounter",
+    "RetryPolicy",
+    "TransientError",
+    "counting_retries",
+    "is_transient",
+    "retrying",
+    "transient_status",
+]
 
-_TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_TRANSIENT_STATUS = {408, 409, 425, 429}
+"""Besides every 5xx: request timeout, conflict, too early, too many requests."""
 _TRANSIENT_ERRNO = {errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED}
 
 
@@ -49,8 +59,17 @@ class RetryPolicy(BaseModel):
         return cls(attempts=attempts or settings.inference_attempts, initial_s=settings.retry_initial_s, max_s=settings.retry_max_s)
 
 
+def transient_status(status: int) -> bool:
+    """True for HTTP statuses worth another try: 408, 409, 425, 429 and every 5xx."""
+    return status in _TRANSIENT_STATUS or 500 <= status <= 599
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True for errors another try may fix: timeouts, dropped connections, 429 / 5xx, OOM."""
+    """True for errors another try may fix: timeouts, dropped connections, 429 / 5xx, OOM.
+
+    The one classifier for every retry: model calls, training steps and both judges (litellm's
+    errors are subclasses of the OpenAI SDK's, so RULER's are classified here too).
+    """
     if isinstance(exc, TransientError | TimeoutError | ConnectionError | MemoryError):
         return True
     if isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
@@ -58,14 +77,15 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIStatusError):
         if exc.response.headers.get("x-should-retry", "").lower() == "false":
             return False  # the server says another try will not help
-        return exc.status_code in _TRANSIENT_STATUS
+        return transient_status(exc.status_code)
     if isinstance(exc, httpx.TimeoutException | httpx.TransportError):
         return True
     if isinstance(exc, httpx.HTTPStatusError):
-        return exc.response.status_code in _TRANSIENT_STATUS
+        return transient_status(exc.response.status_code)
     if isinstance(exc, OSError):
         return exc.errno in _TRANSIENT_ERRNO
-    return False
+    status = getattr(exc, "status_code", None)  # an SDK error outside the hierarchies above
+    return isinstance(status, int) and not isinstance(status, bool) and transient_status(status)
 
 
 class RetryCounter:
@@ -103,15 +123,19 @@ def counting_retries(counter: RetryCounter) -> Iterator[RetryCounter]:
         _counter.reset(token)
 
 
-def _describe(exc: BaseException | None) -> str:
+def _describe(exc: BaseException | None, secrets: Sequence[SecretStr | str | None]) -> str:
     if exc is None:
         return "?"
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+    return redact(f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__, *secrets)
 
 
-def retrying(policy: RetryPolicy, what: str) -> AsyncRetrying:
-    """An `AsyncRetrying` for `what` under `policy`: `async for attempt in retrying(...): with attempt: ...`."""
+def retrying(policy: RetryPolicy, what: str, *, secrets: Sequence[SecretStr | str | None] = ()) -> AsyncRetrying:
+    """An `AsyncRetrying` for `what` under `policy`: `async for attempt in retrying(...): with attempt: ...`.
+
+    Only `is_transient` errors are retried; the last error is re-raised. `secrets` (an API key
+    an error message may echo) are blanked out of the retry warnings.
+    """
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -120,7 +144,8 @@ def retrying(policy: RetryPolicy, what: str) -> AsyncRetrying:
         if counter is not None:
             counter.add(what)
         logger.warning(
-            "{} failed ({}), attempt {}/{}; retrying in {:.1f}s", what, _describe(exc), state.attempt_number, policy.attempts, wait
+            "{} failed ({}), attempt {}/{}; retrying in {:.1f}s",
+            what, _describe(exc, secrets), state.attempt_number, policy.attempts, wait,
         )
 
     return AsyncRetrying(

@@ -3,7 +3,9 @@
 A run lives in ART's model directory, `<runs_dir>/<project>/models/<run_id>/`, so ART's own
 files (`history.jsonl` from `model.log`, ART's `state.json`) sit beside ours:
 `run.json` (the settings it ran with), `iterations.jsonl` (one record per iteration),
-`codreamer_state.json` (the resume state), `checkpoints/<step>/` and `run.log`.
+`codreamer_state.json` (the resume state), `failures.jsonl` and `failures/` (what failed),
+`checkpoints/<step>/` and `run.log`. `find_runs` lists runs in one documented order and
+`find_run_in` finds one; every listing (`codreamer runs`, the failure analysis) uses them.
 
 Run ids and project names are plain folder names (`codreamer.paths.SAFE_NAME_PATTERN`), and
 every run directory handed out here resolves to a folder under `<runs_dir>/<project>/models`:
@@ -13,8 +15,6 @@ a hostile id (`../../x`, `/abs/dir`) or a symlink out of the runs folder is refu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,34 @@ from typing import Any
 from codreamer.config import Settings
 from codreamer.errors import UserError
 from codreamer.paths import check_name, is_inside, is_safe_name, resolve_inside
+from codreamer.storage import write_json_atomic
+
+__all__ = [
+    "FAILURES_FILE",
+    "ITERATIONS_FILE",
+    "LOG_FILE",
+    "RUN_FILE",
+    "RunFileError",
+    "find_run",
+    "find_run_in",
+    "find_runs",
+    "is_run_directory",
+    "list_runs",
+    "models_root",
+    "new_run_id",
+    "read_json_file",
+    "read_run_file",
+    "run_dir",
+    "write_json_atomic",  # re-exported for callers not yet importing it from codreamer.storage
+]
 
 RUN_FILE = "run.json"
 ITERATIONS_FILE = "iterations.jsonl"
 LOG_FILE = "run.log"
+FAILURES_FILE = "failures.jsonl"
+"""The run's failures table (`codreamer.analysis.failures`)."""
+RUN_MARKERS = (RUN_FILE, FAILURES_FILE)
+"""A folder holding one of these is a run (a failures table alone: a run whose run.json is gone)."""
 
 
 def new_run_id() -> str:
@@ -72,32 +96,55 @@ def read_run_file(directory: Path) -> dict[str, Any]:
     return data
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _created_at(directory: Path) -> str:
+    """run.json's `created_at` (ISO 8601 UTC, so text order is time order); "" if unknown."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        data = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return str(data.get("created_at") or "") if isinstance(data, dict) else ""
+
+
+def is_run_directory(path: Path, root: Path) -> bool:
+    """A folder with a safe name, resolving under `root`, that holds run.json or failures.jsonl."""
+    return (
+        is_safe_name(path.name)  # not `_cross_run`, hidden folders or odd names
+        and is_inside(path, root)  # no symlink out of the runs folder
+        and path.is_dir()
+        and any((path / name).is_file() for name in RUN_MARKERS)
+    )
+
+
+def find_runs(root: Path) -> list[Path]:
+    """The run directories under `root` (a `<runs_dir>/<project>/models` folder), oldest first.
+
+    The one order every listing uses: run.json's `created_at`, then the folder's modification
+    time (runs without a `created_at`), then the name. A resumed run keeps its place.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if is_run_directory(p, root)]
+    return sorted(runs, key=lambda p: (_created_at(p), p.stat().st_mtime, p.name))
+
+
+def find_run_in(root: Path, run_id: str) -> Path:
+    """The run `run_id` under `root`: UnsafePathError for a hostile id or a link out of `root`,
+    FileNotFoundError (naming the most recent runs) when there is no such run."""
+    root = Path(root)
+    path = root / check_name(run_id, "run id")
+    resolve_inside(path, root, f"run directory of {run_id!r}")
+    if not is_run_directory(path, root):
+        known = ", ".join(p.name for p in find_runs(root)[-5:]) or "none"
+        raise FileNotFoundError(f"no run '{run_id}' under {root} (recent runs: {known})")
+    return path
 
 
 def list_runs(settings: Settings) -> list[Path]:
-    root = models_root(settings)
-    if not root.is_dir():
-        return []
-    runs = (p for p in root.iterdir() if is_safe_name(p.name) and is_inside(p, root) and (p / RUN_FILE).is_file())
-    return sorted(runs, key=lambda p: p.stat().st_mtime)
+    """The settings' project's runs, oldest first (see `find_runs`)."""
+    return find_runs(models_root(settings))
 
 
 def find_run(settings: Settings, run_id: str) -> Path:
-    path = run_dir(settings, run_id)
-    if not (path / RUN_FILE).is_file():
-        known = ", ".join(p.name for p in list_runs(settings)[-5:]) or "none"
-        raise FileNotFoundError(f"no run '{run_id}' under {models_root(settings)} (recent runs: {known})")
-    return path
+    """The settings' project's run `run_id` (see `find_run_in`)."""
+    return find_run_in(models_root(settings), run_id)

@@ -23,23 +23,21 @@ from art.trajectories import PydanticException
 from openai.types.chat.chat_completion import ChatCompletionMessage, Choice
 from openai.types.chat.chat_completion_message_tool_call import ChatCompletionMessageToolCall, Function
 
-from codreamer.analysis.analyzer import (
-    NO_JUDGE_LINE,
-    AnalyzerJudgeConfig,
-    FailureAnalyzer,
-    generate_improvement_report,
-    parse_judge_answer,
-)
+from codreamer.analysis.analyzer import FailureAnalyzer
 from codreamer.analysis.categories import (
     FailureCategory,
     categorize_exception,
     categorize_output,
     exception_type_name,
 )
-from codreamer.analysis.collector import FAILURES_FILE, Failure, FailureCollector, load_failures, sha256_text
+from codreamer.analysis.collector import FailureCollector
 from codreamer.analysis.commands import CHART_FILE, CROSS_RUN_DIR, REPORT_FILE, cmd_analyze
+from codreamer.analysis.failures import FAILURES_FILE, Failure, load_failures, sha256_text
+from codreamer.analysis.judge import AnalyzerJudgeConfig, parse_judge_answer
+from codreamer.analysis.markdown import NO_JUDGE_LINE, generate_improvement_report
 from codreamer.pipeline.history import append_record
-from codreamer.runs import ITERATIONS_FILE, RUN_FILE, write_json_atomic
+from codreamer.runs import ITERATIONS_FILE, RUN_FILE
+from codreamer.storage import write_json_atomic
 from codreamer.usage import UsageLedger, using_ledger
 
 try:  # tests/ is a rootdir (no __init__.py): pytest puts it on sys.path

@@ -26,10 +26,11 @@ from loguru import logger
 
 import codreamer.events.ingest as ingest_module
 import codreamer.events.log as event_log
+import codreamer.events.parse as event_parse
 from codreamer.events import EventLog, OnlineOutcome
 from codreamer.events.cli_commands import cmd_ingest, cmd_serve_events
 from codreamer.events.ingest import IngestError, ingest_file
-from codreamer.events.log import CANONICAL_LINE
+from codreamer.events.parse import CANONICAL_LINE
 from codreamer.events.models import to_epoch_us
 from codreamer.events.webhook import (
     SIGNATURE_HEADER,
@@ -192,7 +193,7 @@ def test_fuzzed_lines_read_exactly_as_pydantic_reads_them() -> None:
             skipped += 1
             continue
         expected.append((row, event.event_id, event.trajectory_id, event.flag_mask, to_epoch_us(event.timestamp)))
-    parsed = event_log._parse_chunk(data, len(data), 1, 0)
+    parsed = event_parse.parse_chunk(data, len(data), 1, 0)
     assert parsed.events.rows() == expected
     assert parsed.blank + sum(parsed.malformed.values()) == skipped
     canonical = sum(re.fullmatch(CANONICAL_LINE.removeprefix("^").removesuffix("$"), line.decode(errors="replace") + "\n") is not None for line in lines)
@@ -270,13 +271,13 @@ def test_an_event_appended_again_after_a_refresh_counts_once(log_path: Path) -> 
 def spy_on_parser(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, int]]:
     """Record (bytes parsed, file offset) of every chunk the log parses."""
     calls: list[tuple[bytes, int]] = []
-    real_parse = event_log._parse_chunk
+    real_parse = event_parse.parse_chunk
 
     def spy(data: bytes, end: int, first_line: int, base: int) -> object:
         calls.append((data[:end], base))
         return real_parse(data, end, first_line, base)
 
-    monkeypatch.setattr(event_log, "_parse_chunk", spy)
+    monkeypatch.setattr(event_parse, "parse_chunk", spy)
     return calls
 
 

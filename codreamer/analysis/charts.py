@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from codreamer.analysis.analyzer import CrossRunReport, RunFailureReport
+from codreamer.analysis.report import CrossRunReport, RunFailureReport
 from codreamer.analysis.categories import PRIORITY, FailureCategory
 
 __all__ = ["category_color", "plot_categories_over_iterations"]

@@ -5,10 +5,12 @@ trajectories of the group relative to each other) and returns a `GroupJudgement`
 per trajectory, in order, or a short `judge_error`. It never raises for judge failures and
 never turns a failure into a zero reward.
 
-- Transient errors (timeouts, connection errors, HTTP 429/5xx) are retried under tenacity
-  with exponential backoff + jitter, capped at `backoff_max_s`, at most `attempts` times.
-  Each retry is logged (warning) and counted. litellm's own retries are switched off
-  (`num_retries=0`, which also sets the OpenAI SDK's `max_retries` to 0), so the count is ours.
+- Transient errors (timeouts, connection errors, HTTP 429/5xx) are retried by
+  `codreamer.retry.retrying` (classified by its `is_transient`, like every other retry) with
+  exponential backoff + jitter, capped at `backoff_max_s`, at most `attempts` times. Each
+  retry is logged (warning, key redacted) and counted as `retries/RULER judge`. litellm's own
+  retries are switched off (`num_retries=0`, which also sets the OpenAI SDK's `max_retries`
+  to 0), so the count is ours.
 - Permanent errors (malformed JSON from the judge, a wrong number of scores, 4xx such as a
   bad key or a bad request) fail fast: one attempt, then `judge_error`.
 - The whole call is bounded by `JudgeConfig.total_budget_s()`.
@@ -18,7 +20,8 @@ exceptions; only its per-trajectory `metrics["ruler_score"]` is read here. The c
 its own group and writes the scores onto it with `apply_judgement` (rewards are left alone:
 blending happens in `codreamer.rewards.blend`).
 
-The API key is handed to litellm only; it is redacted from every error string and log line.
+The API key is handed to litellm only; it is redacted (`codreamer.redaction`) from every error
+string and log line.
 (Importing this module imports `codreamer` first, which keeps litellm's price list offline.)
 """
 
@@ -31,28 +34,20 @@ import re
 import time
 
 import art
-import litellm
-import openai
 import weave
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from codreamer.config import Settings, default_of
 from codreamer.local_trace import traced
+from codreamer.redaction import redact
+from codreamer.retry import RetryPolicy, retrying
 from codreamer.usage import art_judge_usage, timed_llm_call
 
 __all__ = [
     "GroupJudgement",
     "JudgeConfig",
     "apply_judgement",
-    "is_transient_judge_error",
     "judge_group",
 ]
 
@@ -64,21 +59,6 @@ _art_ruler = importlib.import_module("art.rewards.ruler")
 _ART_REQUESTS_PER_ATTEMPT: int = max(1, int(getattr(_art_ruler, "_STRUCTURAL_ATTEMPTS", 1)))
 
 _MAX_ERROR_CHARS = 300
-
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    litellm.Timeout,
-    litellm.APIConnectionError,
-    litellm.RateLimitError,
-    litellm.InternalServerError,
-    litellm.ServiceUnavailableError,
-    litellm.BadGatewayError,
-    # litellm wraps the OpenAI SDK's errors, but if one ever leaks through unwrapped:
-    openai.APITimeoutError,
-    openai.APIConnectionError,
-    openai.RateLimitError,
-    openai.InternalServerError,
-    asyncio.TimeoutError,
-)
 
 
 class JudgeConfig(BaseModel):
@@ -107,6 +87,10 @@ class JudgeConfig(BaseModel):
             timeout_s=settings.judge_timeout_s,
             attempts=settings.judge_attempts,
         )
+
+    def retry_policy(self) -> RetryPolicy:
+        """The judge's tries and backoff, for `codreamer.retry.retrying`."""
+        return RetryPolicy(attempts=self.attempts, initial_s=self.backoff_initial_s, max_s=self.backoff_max_s)
 
     def backoff_budget_s(self) -> float:
         """Longest total sleep between attempts (exponential + jitter, each capped)."""
@@ -142,24 +126,6 @@ class GroupJudgement(BaseModel):
         return self.scores is not None
 
 
-def is_transient_judge_error(exc: BaseException) -> bool:
-    """True for errors worth retrying: timeouts, connection errors, HTTP 408/409/429/5xx."""
-    if isinstance(exc, TRANSIENT_ERRORS):
-        return True
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, int) and (status in (408, 409, 429) or status >= 500):
-        return True
-    return False
-
-
-def _redact(text: str, secret: SecretStr | None) -> str:
-    if secret is not None:
-        value = secret.get_secret_value()
-        if value:
-            text = text.replace(value, "***")
-    return text
-
-
 _LITELLM_PREFIX = re.compile(r"^(?:litellm\.)?(\w+Error|Timeout):\s*(?:\1:\s*)?")
 _PYDANTIC_HELP = re.compile(r"\s*For further information visit \S+")
 
@@ -168,7 +134,7 @@ def _describe(exc: BaseException, secret: SecretStr | None) -> str:
     """`Type: message`, one line, at most _MAX_ERROR_CHARS, the secret replaced by ***."""
     message = " ".join(str(exc).split())
     message = _PYDANTIC_HELP.sub("", _LITELLM_PREFIX.sub("", message))
-    text = _redact(f"{type(exc).__name__}: {message}" if message else type(exc).__name__, secret)
+    text = redact(f"{type(exc).__name__}: {message}" if message else type(exc).__name__, secret)
     if len(text) > _MAX_ERROR_CHARS:
         text = text[: _MAX_ERROR_CHARS - 3] + "..."
     return text
@@ -190,37 +156,13 @@ async def judge_group(group: art.TrajectoryGroup, judge: JudgeConfig) -> GroupJu
     budget_s = judge.total_budget_s()
     attempts = 0
 
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        wait = state.next_action.sleep if state.next_action is not None else 0.0
-        logger.warning(
-            "RULER judge {} attempt {}/{} failed ({}); retrying in {:.2f}s",
-            judge.model,
-            state.attempt_number,
-            judge.attempts,
-            _describe(exc, judge.api_key) if exc is not None else "?",
-            wait,
-        )
-
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(judge.attempts),
-        wait=wait_exponential_jitter(
-            multiplier=judge.backoff_initial_s,
-            max=judge.backoff_max_s,
-            jitter=judge.backoff_initial_s,
-        ),
-        retry=retry_if_exception(is_transient_judge_error),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
-
     started = time.perf_counter()
     scored: art.TrajectoryGroup | None = None
     error: str | None = None
     deadline = asyncio.timeout(budget_s)
     try:
         async with deadline:
-            async for attempt in retrying:
+            async for attempt in retrying(judge.retry_policy(), "RULER judge", secrets=(judge.api_key,)):
                 with attempt:
                     attempts += 1
                     # one usage record per attempt (ART may send 2 requests in one: tokens summed)
