@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from loguru import logger
 
-from codreamer.config import Settings
+from codreamer.config import Settings, resume_free_fields
 from codreamer.runs import RunFileError, read_json_file, write_json_atomic
 
 STATE_FILE = "codreamer_state.json"
@@ -51,20 +51,9 @@ WORK_DIR = "work"
 Stage = Literal["started", "generated", "scored", "trained", "evaluated"]
 STAGE_ORDER: tuple[Stage, ...] = ("started", "generated", "scored", "trained", "evaluated")
 
-#: Settings that may change between a run and its resume without changing what is trained.
-RESUME_FREE_SETTINGS = frozenset(
-    {
-        "run_id", "runs_dir", "iterations", "epochs", "max_steps", "force_resume", "rollout_concurrency",
-        "request_timeout_s", "inference_client", "train_retries", "model_cache_dir", "prefix_store_mb",
-        "events_secret", "judge_api_key",
-        "judge_timeout_s", "judge_attempts", "wandb", "weave_project", "wandb_api_key", "wandb_project",
-        "wandb_entity", "wandb_mode", "tracking_timeout_s", "inference_attempts", "retry_initial_s", "retry_max_s",
-        "rollout_timeout_s", "generate_timeout_s", "score_timeout_s", "train_timeout_s", "evaluate_timeout_s",
-        "torch_threads", "events_tolerance_s",
-        "keep_last", "keep_best", "eval_every", "policy_price_usd_per_mtok_in", "policy_price_usd_per_mtok_out",
-        "judge_price_usd_per_mtok_in", "judge_price_usd_per_mtok_out", "low_reward_threshold",
-    }
-)  # fmt: skip
+#: Settings that may change between a run and its resume without changing what is trained:
+#: the fields marked `ResumeFree` in `codreamer.config`.
+RESUME_FREE_SETTINGS = resume_free_fields()
 
 
 class RunStateError(RunFileError):
