@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from pydantic import ValidationError
 
@@ -243,7 +242,7 @@ def test_weights_are_validated() -> None:
     with pytest.raises(ValidationError):
         RubricWeights(personalization=-1)
     with pytest.raises(ValidationError):
-        RubricWeights(**{n: 0 for n in WEIGHTED_PARTS})
+        RubricWeights(**dict.fromkeys(WEIGHTED_PARTS, 0))
 
 
 def test_deterministic() -> None:

@@ -212,26 +212,50 @@ _add("shuffled", P1, "Hi Grace,\n\n" + _SENTENCES1 + "\n\nBest,\nMaya Lindqvist"
 _add("shuffled", P1, " ".join(GOOD1.split()[::-1]))  # reversed
 _add("facts_salad", P1, _fact_words(P1, 7))
 _add("facts_salad", P6, _fact_words(P6, 8, 80))
-_add("facts_salad", P2, "Farid Thompson, VP of Revenue Operations, Ciphermoor Labs, cybersecurity, Lyon, France, "
-     "Rotterdam, Microsoft Dynamics 365, Zoom, Gong, AWS, Jira, opportunities, activity, 30 days.")
-_add("facts_salad", P1, "name: Grace Schneider\ntitle: Chief Revenue Officer\ncompany: Sentrava Security\n"
-     "industry: cybersecurity\nnews: opened a security operations centre in Berlin in March")
-_add("facts_salad", P1, "Sentrava Security (cybersecurity, 260 employees, Austin, TX). Recent news: opened a security "
-     "operations centre in Berlin in March. Tech stack: HubSpot, Salesloft, Gong, AWS, Jira.")  # a tool result
+_add(
+    "facts_salad",
+    P2,
+    "Farid Thompson, VP of Revenue Operations, Ciphermoor Labs, cybersecurity, Lyon, France, "
+    "Rotterdam, Microsoft Dynamics 365, Zoom, Gong, AWS, Jira, opportunities, activity, 30 days.",
+)
+_add(
+    "facts_salad",
+    P1,
+    "name: Grace Schneider\ntitle: Chief Revenue Officer\ncompany: Sentrava Security\n"
+    "industry: cybersecurity\nnews: opened a security operations centre in Berlin in March",
+)
+_add(
+    "facts_salad",
+    P1,
+    "Sentrava Security (cybersecurity, 260 employees, Austin, TX). Recent news: opened a security "
+    "operations centre in Berlin in March. Tech stack: HubSpot, Salesloft, Gong, AWS, Jira.",
+)  # a tool result
 # borderline: the facts as sentences, but written to no one
-_add("facts_salad", P1, "Chief Revenue Officer at Sentrava Security. The board wants a forecast it can trust and the "
-     "number moved 20% in the last two weeks of the quarter. CISO buyers ignore generic outreach, so pipeline "
-     "generation depends on a few referrals. Opened a security operations centre in Berlin in March.")
+_add(
+    "facts_salad",
+    P1,
+    "Chief Revenue Officer at Sentrava Security. The board wants a forecast it can trust and the "
+    "number moved 20% in the last two weeks of the quarter. CISO buyers ignore generic outreach, so pipeline "
+    "generation depends on a few referrals. Opened a security operations centre in Berlin in March.",
+)
 # repetition
 _add("repeated", P1, "Grace " * 80)
 _add("repeated", P5, "Peoplewell pipeline health. " * 25)
 _add("repeated", P1, "Hi Grace, Sentrava Security is great. " * 15)
 _add("repeated", P9, "\n\n".join([GOOD["p009"].body] * 3))
 # lorem ipsum
-_add("lorem", P1, "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore "
-     "et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris.")
-_add("lorem", P5, "Hi Ingrid,\n\nLorem ipsum dolor sit amet, consectetur adipiscing elit. Sed do eiusmod tempor "
-     "incididunt ut labore et dolore magna aliqua.\n\nBest,\nMaya")
+_add(
+    "lorem",
+    P1,
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore "
+    "et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris.",
+)
+_add(
+    "lorem",
+    P5,
+    "Hi Ingrid,\n\nLorem ipsum dolor sit amet, consectetur adipiscing elit. Sed do eiusmod tempor "
+    "incididunt ut labore et dolore magna aliqua.\n\nBest,\nMaya",
+)
 # empty / whitespace
 _add("empty", P1, "")
 _add("empty", P2, " \n\t\n ", subject="Hello Farid")
@@ -246,30 +270,62 @@ _add("markup", P3, "*** --- ### [[ ]] {{ }} <> || ___ ===")
 _add("chatter", P1, "Sure! I will look up the company first.")
 _add("chatter", P5, "I'm sorry, I can't help with that.")
 _add("chatter", P6, "Let me start by looking up Forgewell Precision so I can personalise the email for Aisha.")
-_add("chatter", P9, "First, I'll research Prudholm Insurance and their recent news. Then I will write a short, "
-     "personalised outreach email to Grace that mentions a pain point and ends with a call to action.")
+_add(
+    "chatter",
+    P9,
+    "First, I'll research Prudholm Insurance and their recent news. Then I will write a short, "
+    "personalised outreach email to Grace that mentions a pain point and ends with a call to action.",
+)
 _add("chatter", P2, "Okay, here is the email for Farid Thompson at Ciphermoor Labs.")
-_add("chatter", P1, "As an AI language model, I don't have access to Sentrava Security's internal data, but I can "
-     "draft an email based on public information.")
-_add("chatter", P3, "The prospect is Ingrid Yilmaz, Salesforce Administrator at Ostlane Freight. She struggles with "
-     "brittle custom sync scripts. The company added 7 electric HGVs to its fleet in February.")
+_add(
+    "chatter",
+    P1,
+    "As an AI language model, I don't have access to Sentrava Security's internal data, but I can "
+    "draft an email based on public information.",
+)
+_add(
+    "chatter",
+    P3,
+    "The prospect is Ingrid Yilmaz, Salesforce Administrator at Ostlane Freight. She struggles with "
+    "brittle custom sync scripts. The company added 7 electric HGVs to its fleet in February.",
+)
 _add("chatter", P41, "I need to call lookup_company to get the facts about Hallowdyke Freight before I write anything.")
-_add("chatter", P5, "To write this email I first need more information about Ingrid and her team at Peoplewell. "
-     "Could you share their recent news and the main challenges they face?")
-_add("chatter", P1, "Okay, let's see. The user wants me to write an email to Grace Schneider at Sentrava Security. "
-     "First, I need to call lookup_company.")
+_add(
+    "chatter",
+    P5,
+    "To write this email I first need more information about Ingrid and her team at Peoplewell. "
+    "Could you share their recent news and the main challenges they face?",
+)
+_add(
+    "chatter",
+    P1,
+    "Okay, let's see. The user wants me to write an email to Grace Schneider at Sentrava Security. "
+    "First, I need to call lookup_company.",
+)
 _add("chatter", P1, "<think>I should first find some information about Grace.</think>")
-_add("chatter", P1, "Great question. Writing to a Chief Revenue Officer at a cybersecurity company like Sentrava "
-     "Security means focusing on forecast accuracy. You should mention their new Berlin security operations centre, "
-     "connect it to the forecast that moved 20% late in the quarter, and close with a clear ask for a 15-minute call.")
-_add("chatter", P1, "Grace Schneider is the Chief Revenue Officer at Sentrava Security. She is worried about forecast "
-     "accuracy because the number moved 20% late in the quarter. Pipewise could help her team.")
+_add(
+    "chatter",
+    P1,
+    "Great question. Writing to a Chief Revenue Officer at a cybersecurity company like Sentrava "
+    "Security means focusing on forecast accuracy. You should mention their new Berlin security operations centre, "
+    "connect it to the forecast that moved 20% late in the quarter, and close with a clear ask for a 15-minute call.",
+)
+_add(
+    "chatter",
+    P1,
+    "Grace Schneider is the Chief Revenue Officer at Sentrava Security. She is worried about forecast "
+    "accuracy because the number moved 20% late in the quarter. Pipewise could help her team.",
+)
 _add("chatter", P1, "Sure! Here is a draft email for Grace:\n\n" + GOOD1)  # borderline: a real email behind chatter
 _add("echo", P1, system_prompt(PRODUCT))
 _add("echo", P1, user_message(P1, PRODUCT))
 _add("echo", P5, system_prompt(PRODUCT) + "\n" + user_message(P5, PRODUCT))
-_add("echo", P6, "Write a first outreach email to Aisha Mensah at Forgewell Precision. Cite one real fact and one "
-     "pain point, keep it under 120 words and sign as Maya Lindqvist.")
+_add(
+    "echo",
+    P6,
+    "Write a first outreach email to Aisha Mensah at Forgewell Precision. Cite one real fact and one "
+    "pain point, keep it under 120 words and sign as Maya Lindqvist.",
+)
 # written for someone else
 _add("wrong_prospect", P5, GOOD["p001"].body)  # Grace at Sentrava, scored for Ingrid at Peoplewell
 _add("wrong_prospect", P9, GOOD["p001"].body)  # same first name (Grace), other company
@@ -365,4 +421,4 @@ def test_a_policy_can_climb_from_salad_to_a_good_email() -> None:
     ladder = [_shuffled(GOOD1, 3), middle, SHORT_REAL.body, no_cta, GOOD1]
     totals = [score_email(Email(subject="Berlin", body=body), P1, PRODUCT).total for body in ladder]
     assert totals == sorted(totals) and len(set(totals)) == len(totals), totals
-    assert totals[0] <= DEGENERATE_MAX and 0.3 <= totals[1] and totals[-1] >= GOOD_MIN, totals
+    assert totals[0] <= DEGENERATE_MAX and totals[1] >= 0.3 and totals[-1] >= GOOD_MIN, totals

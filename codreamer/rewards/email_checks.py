@@ -190,7 +190,7 @@ def _proper_nouns(lines: list[list[Token]], known: Callable[[str], bool], skip_l
             w = t.word
             if w and w[:1].isupper() and w.isalpha() and len(w) > 1 and not known(w):
                 counts[w] = counts.get(w, 0) + 1
-                sentence_start = prev is None or bool(SENTENCE_END_RE.search(prev.raw)) or prev.raw[-1:] in ":\"“"
+                sentence_start = prev is None or bool(SENTENCE_END_RE.search(prev.raw)) or prev.raw[-1:] in ':"“'
                 nxt = toks[j + 1].word if j + 1 < len(toks) else ""
                 if (
                     (not sentence_start and not w.isupper())

@@ -64,10 +64,10 @@ _BAD_AFTER: dict[str, tuple[frozenset[str], frozenset[str]]] = {  # class -> (ba
     )
 }  # fmt: skip
 # Subject-verb pairs that never agree.
-_BAD_AGREEMENT = frozenset(
-    ("i", v) for v in ("is", "are", "were", "has", "does")
-) | frozenset((s, v) for s in ("we", "they") for v in ("is", "am", "was", "has", "does")) | frozenset(
-    (s, v) for s in ("he", "she") for v in ("are", "am", "were", "have", "do")
+_BAD_AGREEMENT = (
+    frozenset(("i", v) for v in ("is", "are", "were", "has", "does"))
+    | frozenset((s, v) for s in ("we", "they") for v in ("is", "am", "was", "has", "does"))
+    | frozenset((s, v) for s in ("he", "she") for v in ("are", "am", "were", "have", "do"))
 )
 _DETERMINERS = frozenset(_CLASS_WORDS["DET"].split())
 _CONJUNCTIONS = frozenset(_CLASS_WORDS["CONJ"].split())
@@ -85,9 +85,13 @@ def _bad_pair(p: str, c: str) -> bool:
 
 
 # Words a sentence never ends on.
-_NEVER_FINAL = _DETERMINERS | _CONJUNCTIONS | frozenset(
-    f"of to from into than at by as if because although while when which whose i we they he she is are was were am "
-    f"very not no every each both {_MODALS}".split()
+_NEVER_FINAL = (
+    _DETERMINERS
+    | _CONJUNCTIONS
+    | frozenset(
+        f"of to from into than at by as if because although while when which whose i we they he she is are was were am "
+        f"very not no every each both {_MODALS}".split()
+    )
 )
 # Capitalised mid-sentence only in a shuffle: function words and greeting/sign-off words ("I" aside).
 _NOT_CAPITAL_MID = (FUNCTION_WORDS - {"i", "may"}) | frozenset(
@@ -155,29 +159,27 @@ def _order_errors(lines: list[list[Token]], words: list[Token], proper: frozense
                 )
                 prev_breaks = prev.raw[-1:] in ",;:" or prev_ends
                 letter = prev.word == "A" and prev_mid  # "Series A in January"
-                if p in _DETERMINERS and prev_breaks and not letter:
+                determiner_at_break = p in _DETERMINERS and prev_breaks and not letter  # "the," "the."
+                impossible_pair = not prev_breaks and not letter and t.word.islower() and _bad_pair(p, c)
+                if determiner_at_break or impossible_pair:
                     errors.append(f"'{prev.raw} {t.raw}'")
-                elif not prev_breaks and not letter and t.word.islower() and _bad_pair(p, c):
-                    errors.append(f"'{prev.raw} {t.raw}'")
-                if prev_ends and t.word[:1].islower() and not _URLISH_RE.search(t.raw):
-                    errors.append(f"'{prev.raw} {t.raw}'")
-                elif (
+                lowercase_start = prev_ends and t.word[:1].islower() and not _URLISH_RE.search(t.raw)
+                capital_mid = (
                     not prev_ends
-                    and prev.raw[-1:] not in ":;\"“(-—–"
+                    and prev.raw[-1:] not in ':;"“(-—–'
                     and not (prev.raw[-1:] == "," and k <= 3)  # "Hi Grace, Congrats on ..."
                     and t.word[:1].isupper()
                     and c in _NOT_CAPITAL_MID
                     and t.word != "A"
-                ):
+                )
+                if lowercase_start or capital_mid:
                     errors.append(f"'{prev.raw} {t.raw}'")
             prev_mid = prev is not None and not (bool(SENTENCE_END_RE.search(prev.raw)) or prev.raw[-1:] == ":")
             prev = t
     return errors
 
 
-def prose(
-    lines: list[list[Token]], words: list[Token], text: str, proper: frozenset[str]
-) -> tuple[float, list[str]]:
+def prose(lines: list[list[Token]], words: list[Token], text: str, proper: frozenset[str]) -> tuple[float, list[str]]:
     """English prose in order; returns (factor, reasons)."""
     n = len(words)
     reasons: list[str] = []

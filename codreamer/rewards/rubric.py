@@ -42,6 +42,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from codreamer.domain import Email, Product, Prospect
 from codreamer.local_trace import traced
 from codreamer.rewards.email_form import email_form
+from codreamer.rewards.rubric_words import (
+    ACRONYM_OK,
+    COMMON,
+    CTA_PHRASES,
+    CTA_WORDS,
+    GENERIC_STEMS,
+    SPAM_PHRASES,
+    STOPWORDS,
+)
 
 __all__ = ["GATE", "PART_NAMES", "WEIGHTED_PARTS", "RubricPart", "RubricScore", "RubricWeights", "score_email"]
 
@@ -119,67 +128,8 @@ class RubricWeights(BaseModel):
         return self
 
 
-# --------------------------------------------------------------------------- vocabulary
-
-_STOPWORDS = frozenset(
-    """
-    a about above across after again against all also am an and any are as at be because been
-    before being below between both but by can could did do does doing done down during each
-    few for from further had has have having he her here hers him his how i if in into is it its
-    itself just me more most my no nor not now of off on once only or other our ours out over own
-    same she should so some such than that the their theirs them then there these they this those
-    through to too under until up very was we were what when where which while who whom why will
-    with would you your yours yourself via per new get got make made use used using within
-    without lot lots many much every one two three really still well way etc
-    """.split()
-)
-
-# Stems too generic to count as personalisation ("customers", "team", "open to a call").
-_GENERIC_STEMS = frozenset(
-    """
-    custom compan busine team time result growth grow produc servic soluti help improv work need
-    open better day year month week people thing great good
-    """.split()
-)
-
-# Capitalised words that are fine even if no fact mentions them (greetings, sign-offs,
-# sentence starters, calendar words, common business acronyms).
-_COMMON = _STOPWORDS | frozenset(
-    """
-    hi hello hey dear greetings thanks thank cheers best regards kind warm sincerely
-    congrats congratulations noticed saw see seen read loved love enjoyed curious quick quickly
-    wanted want reaching reach hope hoping happy glad great good excited given since
-    let mind please looking forward team ps re fwd subject note question idea thoughts intro
-    monday tuesday wednesday thursday friday saturday sunday today tomorrow week weekend month
-    january february march april may june july august september october november december
-    q1 q2 q3 q4 ceo cto cfo coo cio cmo cro vp svp evp sdr bdr ai ml api apis crm erp roi kpi kpis
-    saas b2b b2c it hr ops devops seo usa us uk eu emea apac na ok okay
-    i'm i've i'd i'll we're we've we'd we'll you're you've you'd you'll they're don't can't
-    won't isn't aren't didn't doesn't haven't wouldn't couldn't
-    """.split()
-)
-_ACRONYM_OK = frozenset(w.upper() for w in _COMMON if w.isalnum())
-
-# Call-to-action signals: single words (matched on the word set) and phrases (matched on
-# the space-joined word sequence).
-_CTA_WORDS = frozenset(
-    "call calls chat meeting meet demo calendar schedule book connect zoom reply talk "
-    "conversation interested minutes mins".split()
-)
-_CTA_PHRASES = (
-    "open to", "worth a", "catch up", "hop on", "would you", "are you", "could we", "can we",
-    "shall we", "free to", "free for", "this week", "next week", "let me know",
-    "walk you through", "show you",
-)  # fmt: skip
-_SPAM_PHRASES = (
-    "act now", "guaranteed", "guarantee", "100% free", "totally free", "absolutely free",
-    "for free", "click here", "click below", "limited time", "risk-free", "buy now",
-    "order now", "winner", "you have been selected", "no obligation", "no cost", "earn money",
-    "make money", "extra cash", "double your", "once in a lifetime", "urgent", "exclusive deal",
-    "special promotion", "best price", "cheap", "dear friend", "amazing offer", "don't miss",
-    "do not miss", "miracle", "100% satisfied", "no strings attached", "call now", "apply now",
-    "instant access", "million dollars",
-)  # fmt: skip
+#: The default weights (frozen, so one shared instance is safe as a default argument).
+DEFAULT_WEIGHTS = RubricWeights()
 
 # --------------------------------------------------------------------------- regexes
 
@@ -238,11 +188,11 @@ def _stem(word: str) -> str:
 
 def _content_stems(text: str) -> set[str]:
     """Stems of the content words (>= 3 chars, not stopwords) of `text`."""
-    return {_stem(w) for w in _words(text) if len(w) >= 3 and w not in _STOPWORDS}
+    return {_stem(w) for w in _words(text) if len(w) >= 3 and w not in STOPWORDS}
 
 
 def _joined(words: list[str]) -> str:
-    """" w1 w2 ... " so that `f" {phrase} " in joined` is a whole-word phrase match."""
+    """ " w1 w2 ... " so that `f" {phrase} " in joined` is a whole-word phrase match."""
     return " " + " ".join(words) + " "
 
 
@@ -250,8 +200,8 @@ def _phrase_words(phrase: str) -> str:
     return " " + " ".join(_words(phrase)) + " "
 
 
-_SPAM_KEYS = tuple((p, _phrase_words(p)) for p in _SPAM_PHRASES)
-_CTA_KEYS = tuple(_phrase_words(p) for p in _CTA_PHRASES)
+_SPAM_KEYS = tuple((p, _phrase_words(p)) for p in SPAM_PHRASES)
+_CTA_KEYS = tuple(_phrase_words(p) for p in CTA_PHRASES)
 
 
 def _spam_phrases(text: str, joined: str) -> list[str]:
@@ -275,7 +225,7 @@ def _clip(x: float) -> float:
 class _Facts:
     """Everything the email may legitimately mention, precomputed once per call."""
 
-    __slots__ = ("words", "stems", "numbers", "emails")
+    __slots__ = ("emails", "numbers", "stems", "words")
 
     def __init__(self, prospect: Prospect, product: Product) -> None:
         c = prospect.company
@@ -297,7 +247,7 @@ class _Facts:
         w = word.lower().replace("’", "'").strip("'-&")
         if w.endswith("'s"):
             w = w[:-2]
-        return not w or w in _COMMON or w in self.words or (not exact and _stem(w) in self.stems)
+        return not w or w in COMMON or w in self.words or (not exact and _stem(w) in self.stems)
 
     def names_word(self, word: str) -> bool:
         """`knows_word` without stemming: "Peoplewell" is not "people"; for telling names apart."""
@@ -323,7 +273,7 @@ def _personalization(words: set[str], text_low: str, prospect: Prospect) -> tupl
         missing.append("first name")
 
     name = c.name.strip().lower()
-    head = next((w for w in _words(name) if len(w) >= 3 and w not in _STOPWORDS), "")
+    head = next((w for w in _words(name) if len(w) >= 3 and w not in STOPWORDS), "")
     if name and name in text_low:
         score += 0.25
         hits.append(f"company '{c.name}'")
@@ -336,7 +286,7 @@ def _personalization(words: set[str], text_low: str, prospect: Prospect) -> tupl
     company_stems = _content_stems(c.name)
     best, best_pp, best_n = 0.0, "", 0
     for pp in prospect.pain_points:
-        cw = _content_stems(pp) - _GENERIC_STEMS
+        cw = _content_stems(pp) - GENERIC_STEMS
         if not cw:
             continue
         n = len(cw & stems)
@@ -349,7 +299,7 @@ def _personalization(words: set[str], text_low: str, prospect: Prospect) -> tupl
     else:
         missing.append("pain point")
 
-    news_hits = (_content_stems(c.recent_news) - company_stems - _GENERIC_STEMS) & stems
+    news_hits = (_content_stems(c.recent_news) - company_stems - GENERIC_STEMS) & stems
     if news_hits:
         score += 0.2 * min(1.0, len(news_hits) / 2)
         hits.append(f"recent news ({len(news_hits)} keywords)")
@@ -378,12 +328,12 @@ def _personalization(words: set[str], text_low: str, prospect: Prospect) -> tupl
 
 def _call_to_action(body: str, product: Product) -> tuple[float, str]:
     """1.0 for a question that contains an ask; partial for a question or an ask alone."""
-    cta_stems = _content_stems(product.call_to_action) - _GENERIC_STEMS
+    cta_stems = _content_stems(product.call_to_action) - GENERIC_STEMS
     need = min(2, len(cta_stems))
 
     def has_cta(s: str) -> bool:
         words = _words(s)
-        if _CTA_WORDS.intersection(words) or _MINUTES_RE.search(s):
+        if CTA_WORDS.intersection(words) or _MINUTES_RE.search(s):
             return True
         joined = _joined(words)
         if any(key in joined for key in _CTA_KEYS):
@@ -493,9 +443,7 @@ def _no_spam(text: str, joined: str, facts: _Facts) -> tuple[float, str]:
     """1 - .25 per spam phrase - .1 per "!" beyond the first (max .5) - .1 per CAPS word (max .5)."""
     phrases = _spam_phrases(text, joined)
     bangs = text.count("!")
-    caps = sorted(
-        {w for w in _CAPS_WORD_RE.findall(text) if w not in _ACRONYM_OK and w.lower() not in facts.words}
-    )
+    caps = sorted({w for w in _CAPS_WORD_RE.findall(text) if w not in ACRONYM_OK and w.lower() not in facts.words})
     penalty = 0.25 * len(phrases) + min(0.5, 0.1 * max(0, bangs - 1)) + min(0.5, 0.1 * len(caps))
     issues = []
     if phrases:
@@ -546,7 +494,7 @@ def _clean_format(body: str, subject: str, body_words: list[str]) -> tuple[float
 @weave.op
 @traced
 def score_email(
-    email: Email, prospect: Prospect, product: Product, weights: RubricWeights = RubricWeights()
+    email: Email, prospect: Prospect, product: Product, weights: RubricWeights = DEFAULT_WEIGHTS
 ) -> RubricScore:
     """Score `email` for `prospect` and `product`; never raises on any subject/body string.
 
