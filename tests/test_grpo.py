@@ -152,13 +152,28 @@ def test_group_advantages_without_spread_are_zero() -> None:
 
 
 # ---------------------------------------------------------------------- GRPO batches
+def _logprobs(token_ids: list[int] | None) -> dict[str, object]:
+    """The server's logprobs for these tokens: -0.1 * (position + 1), so each is recognisable."""
+    return {"content": [{"token": f"token_id:{t}", "logprob": -0.1 * (i + 1), "bytes": [], "top_logprobs": []} for i, t in enumerate(token_ids or [])]}
+
+
 def _choice(prompt_ids: list[int] | None, token_ids: list[int] | None) -> Choice:
-    raw: dict[str, object] = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "x"}}
+    raw: dict[str, object] = {
+        "index": 0,
+        "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "x"},
+        "logprobs": _logprobs(token_ids),
+    }
     if prompt_ids is not None:
         raw["prompt_token_ids"] = prompt_ids
     if token_ids is not None:
         raw["token_ids"] = token_ids
     return Choice.model_validate(raw)
+
+
+def _plain(seqs: list[TrainSequence]) -> list[TrainSequence]:
+    """The sequences without their sampled log-probs, to compare token layouts."""
+    return [TrainSequence(s.prompt_ids, s.completion_ids, s.advantage, s.prompt_spans) for s in seqs]
 
 
 def _trajectory(reward: float, turns: list[tuple[list[int], list[int]]]) -> art.Trajectory:
@@ -172,7 +187,8 @@ def _trajectory(reward: float, turns: list[tuple[list[int], list[int]]]) -> art.
 def test_trajectory_sequences_take_the_token_ids_of_every_choice() -> None:
     traj = _trajectory(1.0, [([10, 11], [12, 13, 14]), ([10, 11, 12, 15, 20], [21]), ([5], [])])
     seqs = trajectory_sequences(traj, advantage=0.5)
-    assert seqs == [
+    assert seqs[0].sampled_logprobs == pytest.approx((-0.1, -0.2, -0.3))
+    assert _plain(seqs) == [
         TrainSequence([10, 11], [12, 13, 14], 0.5),
         TrainSequence([10, 11, 12, 15, 20], [21], 0.5),
     ]  # the second prompt does not hold the first turn: no fold; the empty completion is dropped
@@ -181,7 +197,8 @@ def test_trajectory_sequences_take_the_token_ids_of_every_choice() -> None:
 def test_a_turn_held_by_the_next_prompt_is_folded_into_it() -> None:
     traj = _trajectory(1.0, [([10, 11], [12, 13, 14]), ([10, 11, 12, 13, 14, 20], [21]), ([5], [])])
     seqs = trajectory_sequences(traj, advantage=0.5)
-    assert seqs == [TrainSequence([10, 11, 12, 13, 14, 20], [21], 0.5, ((2, 5),))]
+    assert _plain(seqs) == [TrainSequence([10, 11, 12, 13, 14, 20], [21], 0.5, ((2, 5),))]
+    assert seqs[0].sampled_logprobs == pytest.approx((-0.1, -0.2, -0.3, -0.1))  # spans first, in position order
     assert seqs[0].trained_tokens == 4
 
 
@@ -204,10 +221,11 @@ def test_trajectory_sequences_accept_choices_in_dict_form() -> None:
         "message": {"role": "assistant", "content": "x"},
         "prompt_token_ids": [1, 2],
         "token_ids": [3],
+        "logprobs": _logprobs([3]),
     }
     traj = art.Trajectory(messages_and_choices=[{"role": "user", "content": "u"}], reward=0.0)
     traj.messages_and_choices.append(choice)
-    assert trajectory_sequences(traj, 2.0) == [TrainSequence([1, 2], [3], 2.0)]
+    assert _plain(trajectory_sequences(traj, 2.0)) == [TrainSequence([1, 2], [3], 2.0)]
 
 
 @pytest.mark.parametrize("prompt_ids, token_ids", [(None, None), ([1, 2], None), (None, [3])])
@@ -234,6 +252,7 @@ def test_build_grpo_batch_skips_and_counts_groups_without_spread() -> None:
         ([1, 2, 3, 4], [5], ((1, 3),)),
         ([1], [6], ()),
     ]
+    assert (batch.groups_no_reward_spread, batch.groups_no_trainable_tokens) == (2, 0)
     assert [s.advantage for s in batch.sequences] == pytest.approx([1.0, -1.0], rel=1e-5)
 
 
@@ -241,6 +260,35 @@ def test_build_grpo_batch_of_only_flat_groups_is_empty() -> None:
     flat = art.TrajectoryGroup([_trajectory(0.0, [([1], [2])]), _trajectory(0.0, [([1], [3])])])
     batch = build_grpo_batch([flat])
     assert batch.sequences == [] and (batch.groups_used, batch.groups_skipped) == (0, 1)
+
+
+def test_a_group_with_spread_but_nothing_trainable_is_told_apart_from_one_without_spread() -> None:
+    """Choices without log-probs are not trained (ART's rule); the group is counted as such, not as flat."""
+    bare = [_trajectory(r, [([1], [2])]) for r in (0.0, 1.0)]
+    for trajectory in bare:
+        trajectory.messages_and_choices[1].logprobs = None
+    batch = build_grpo_batch([art.TrajectoryGroup(bare)])
+    assert (batch.groups_used, batch.groups_no_reward_spread, batch.groups_no_trainable_tokens) == (0, 0, 1)
+
+
+def test_additional_histories_are_trained_too() -> None:
+    def with_extra(reward: float) -> art.Trajectory:
+        trajectory = _trajectory(reward, [([1, 2], [3, 4])])
+        extra = art.trajectories.LegacyHistory(messages_and_choices=[{"role": "user", "content": "u"}, _choice([9, 8], [7])])
+        trajectory.additional_histories = [extra]
+        return trajectory
+
+    batch = build_grpo_batch([art.TrajectoryGroup([with_extra(1.0), with_extra(0.0)])])
+    assert len(batch.sequences) == 4  # two histories per trajectory
+    assert sorted(s.completion_ids for s in batch.sequences) == [[3, 4], [3, 4], [7], [7]]
+
+
+def test_normalize_advantages_false_only_centres_rewards() -> None:
+    group = art.TrajectoryGroup([_trajectory(r, [([1], [2])]) for r in (0.0, 4.0)])
+    scaled = build_grpo_batch([group]).sequences
+    centred = build_grpo_batch([group], normalize_advantages=False).sequences
+    assert sorted(s.advantage for s in scaled) == pytest.approx([-1.0, 1.0], rel=1e-5)
+    assert sorted(s.advantage for s in centred) == pytest.approx([-2.0, 2.0])
 
 
 # ------------------------------------------------------------------------ policy loss
@@ -402,8 +450,10 @@ def test_sample_returns_one_sample_per_prompt_with_matching_logprobs() -> None:
     for sample in samples:
         assert len(sample.logprobs) == len(sample.token_ids) <= 6
         assert all(lp <= 0.0 for lp in sample.logprobs)
-        assert all(0 <= t < VOCAB and t not in (EOS, IM_END) for t in sample.token_ids)
-        assert sample.finish_reason == ("length" if len(sample.token_ids) == 6 else "stop")
+        assert all(0 <= t < VOCAB and t not in (EOS, IM_END) for t in sample.token_ids[:-1])
+        stopped = sample.token_ids[-1] in (EOS, IM_END)
+        assert sample.finish_reason == ("stop" if stopped else "length")
+        assert stopped or len(sample.token_ids) == 6
 
 
 def test_greedy_sampling_is_deterministic() -> None:
@@ -464,8 +514,9 @@ def test_a_row_that_stops_early_does_not_disturb_the_others(monkeypatch: pytest.
 
     monkeypatch.setattr(policy, "_choose", choose_end_of_turn_for_row_0_at_step_2)
     first, *others = policy.sample(PROMPTS, max_new_tokens=6, temperature=0.0)
-    assert first.token_ids == expected[0].token_ids[:2] and first.finish_reason == "stop"
-    assert len(first.logprobs) == 2
+    # the end-of-turn token is part of the completion (as vLLM returns it) and has its log-prob
+    assert first.token_ids == [*expected[0].token_ids[:2], IM_END] and first.finish_reason == "stop"
+    assert len(first.logprobs) == 3
     for got, want in zip(others, expected[1:], strict=True):
         assert got.token_ids == want.token_ids and got.finish_reason == "length"
 

@@ -485,3 +485,145 @@ async def test_the_batcher_skips_cancelled_callers_before_sampling(policy: Polic
         await batcher.stop()
     assert [len(call) for call in spy.calls] == [1, 1] and spy.calls[1] == [[9, 9]]
     assert batcher.skipped == 4
+
+
+# ------------------------------------------------------------------ endpoint fidelity (issue 17)
+def _forced_policy(policy: Policy, monkeypatch: pytest.MonkeyPatch, script: list[int]) -> None:
+    """Makes the sampler pick `script`'s tokens in order (then the end-of-turn token), so stop
+    strings and the end-of-turn token can be tested on a random tiny model."""
+    real_choose = Policy._choose
+    position = {"n": 0}
+
+    def scripted(logits, temperature, generators):  # type: ignore[no-untyped-def]
+        chosen, logprobs = real_choose(logits, temperature, generators)
+        token = script[position["n"]] if position["n"] < len(script) else IM_END
+        position["n"] += 1
+        chosen = torch.full_like(chosen, token)
+        return chosen, torch.log_softmax(logits, dim=-1).gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+
+    monkeypatch.setattr(policy, "_choose", scripted)
+
+
+def _ids(text: str) -> list[int]:
+    return TOKENIZER.encode(text)
+
+
+@pytest.mark.anyio
+async def test_the_end_of_turn_token_is_returned_with_its_logprob(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forced_policy(policy, monkeypatch, _ids("hi"))
+    async with serve(policy) as (_, client):
+        completion = await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=8, logprobs=True)
+    [choice] = completion.choices
+    extra = choice.model_extra or {}
+    assert extra["token_ids"] == [*_ids("hi"), IM_END] and choice.finish_reason == "stop"
+    assert choice.logprobs is not None and len(choice.logprobs.content or []) == 3
+    assert choice.message.content == "hi"  # the special token is not in the text
+    assert completion.usage is not None and completion.usage.completion_tokens == 3
+
+
+@pytest.mark.anyio
+async def test_stop_strings_end_the_completion_and_are_cut_from_the_text(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forced_policy(policy, monkeypatch, _ids("ab.cdef"))
+    async with serve(policy) as (_, client):
+        completion = await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=8, stop=[".", "zz"])
+    [choice] = completion.choices
+    assert choice.message.content == "ab" and choice.finish_reason == "stop"
+    assert (choice.model_extra or {})["token_ids"] == _ids("ab.")  # generation stopped at the stop string
+
+
+@pytest.mark.anyio
+async def test_top_logprobs_are_filled_and_sorted(policy: Policy) -> None:
+    async with serve(policy) as (_, client):
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=messages_for("x"), max_tokens=4, logprobs=True, top_logprobs=3, temperature=0
+        )
+    [choice] = completion.choices
+    assert choice.logprobs is not None and choice.logprobs.content
+    for entry in choice.logprobs.content:
+        values = [alt.logprob for alt in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and values[0] == pytest.approx(entry.logprob, abs=1e-5)  # greedy
+
+
+@pytest.mark.anyio
+async def test_streaming_is_a_clear_400_and_an_unknown_model_a_404(policy: Policy) -> None:
+    async with serve(policy) as (server, client):
+        with pytest.raises(openai.BadRequestError, match="streaming is not supported"):
+            await client.chat.completions.create(model=MODEL, messages=messages_for("x"), stream=True)
+        with pytest.raises(openai.NotFoundError, match="not served here") as caught:
+            await client.chat.completions.create(model="someone-else", messages=messages_for("x"))
+        assert caught.value.status_code == 404
+        assert server.requests_served == 0
+
+
+@pytest.mark.anyio
+async def test_every_choice_carries_policy_token_spans_that_art_accepts(policy: Policy) -> None:
+    from art.preprocessing.policy_spans import validate_complete_policy_token_spans, validate_complete_prompt_policy_token_spans
+
+    policy.version = 3
+    async with serve(policy) as (_, client):
+        completion = await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=5, n=2)
+    for choice in completion.choices:
+        extra = choice.model_extra or {}
+        validate_complete_policy_token_spans(choice, completion_tokens=len(extra["token_ids"]))
+        validate_complete_prompt_policy_token_spans(choice, prompt_tokens=len(extra["prompt_token_ids"]))
+        assert {span["policy_version"] for span in extra["policy_token_spans"]} == {3}
+
+
+@pytest.mark.anyio
+async def test_prompt_logprobs_score_a_given_completion(policy: Policy) -> None:
+    """The completion as the last message, no generation prompt: each prompt token's log-prob given the ones before."""
+    messages = [*messages_for("x"), {"role": "assistant", "content": "hello"}]
+    prompt = TOKENIZER.apply_chat_template(to_chatml_messages(messages, None), add_generation_prompt=False)
+    policy._unmerge_lora()
+    with torch.no_grad():
+        logits = policy.model(input_ids=torch.tensor([prompt])).logits[0].float()
+    want = torch.log_softmax(logits[:-1], dim=-1).gather(-1, torch.tensor(prompt[1:]).unsqueeze(-1)).squeeze(-1)
+    async with serve(policy) as (_, client):
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=1, extra_body={"prompt_logprobs": 2, "add_generation_prompt": False}
+        )
+    scored = (completion.model_extra or {})["prompt_logprobs"]
+    assert len(scored) == len(prompt) and scored[0] is None
+    got = [entry[str(token)]["logprob"] for token, entry in zip(prompt[1:], scored[1:], strict=True)]
+    assert got == pytest.approx(want.tolist(), abs=1e-4)
+    assert all(len(entry) >= 2 for entry in scored[1:])  # the token and the top 2 (one may be the token)
+
+
+@pytest.mark.anyio
+async def test_older_steps_are_served_by_name_at_step(policy: Policy) -> None:
+    """`name@step` samples with that step's adapter; the plain name with the current weights."""
+    old = policy.lora_state()
+    greedy_old = policy.sample([rendered(messages_for("x"))], 5, 0.0)[0].token_ids
+    policy._unmerge_lora()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    policy.version = 1
+    greedy_new = policy.sample([rendered(messages_for("x"))], 5, 0.0)[0].token_ids
+    assert greedy_new != greedy_old
+
+    def resolve(name: str) -> int | None:
+        if name == MODEL:
+            return None
+        if name == f"{MODEL}@0":
+            return 0
+        raise LookupError(f"model {name!r} is not served here")
+
+    batcher = SamplingBatcher(policy, adapter_loader=lambda step: old)
+    server = PolicyServer(batcher, TOKENIZER, API_KEY, MODEL, max_context_tokens=128, default_max_tokens=8, resolve=resolve)  # type: ignore[arg-type]
+    client = openai.AsyncOpenAI(base_url=await server.start(), api_key=API_KEY, max_retries=0)
+    try:
+        at_0 = await client.chat.completions.create(model=f"{MODEL}@0", messages=messages_for("x"), max_tokens=5, temperature=0)
+        latest = await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=5, temperature=0)
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model=f"{MODEL}@7", messages=messages_for("x"))
+    finally:
+        await client.close()
+        await server.stop()
+    assert (at_0.choices[0].model_extra or {})["token_ids"] == greedy_old and at_0.model == f"{MODEL}@0"
+    assert (latest.choices[0].model_extra or {})["token_ids"] == greedy_new
+    assert (at_0.choices[0].model_extra or {})["policy_token_spans"][0]["policy_version"] == 0
+    assert policy.sample([rendered(messages_for("x"))], 5, 0.0)[0].token_ids == greedy_new  # swapped back

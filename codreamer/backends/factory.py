@@ -7,7 +7,7 @@ both are imported only when chosen, so the default needs neither a GPU nor a net
 ART's training options (`ART_TRAIN_OPTIONS`: loss, KL penalty, clipping, ...) set by the user
 travel with the backend the factory builds (`train_options_of`) to every `backend.train` call
 (`codreamer.pipeline.stages.grpo_update`); unset ones are not passed, so each backend keeps its
-own default. The embedded backend accepts and ignores them (it has one GRPO loss of its own).
+own default. The embedded backend honours them (`codreamer.backends.embedded.train_options`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from loguru import logger
 
 from codreamer.config import Settings
 from codreamer.errors import UsageError
@@ -143,11 +141,6 @@ def create_backend(settings: Settings) -> Any:
             threads=threads,
             prefix_store_bytes=settings.prefix_store_mb * 2**20,
         )
-        if options:
-            logger.warning(
-                "the embedded backend ignores ART's training options {} (they apply to --backend local and serverless)",
-                ", ".join(f"--{name.replace('_', '-')}" for name in options),
-            )
     elif settings.backend == "local":
         backend = _local_backend(settings)
     else:

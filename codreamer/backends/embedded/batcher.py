@@ -13,12 +13,25 @@ the model does not generate for requests nobody waits for while their retries qu
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio.to_thread
 from loguru import logger
 
-from codreamer.backends.embedded.policy import Policy, Sample
+from codreamer.backends.embedded.policy import AdapterState, Policy, Sample, StopCheck
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """Per-request sampling options beyond length and temperature; requests batch together only
+    when these are equal (`stop_check` is derived from `stop`, so it is not compared)."""
+
+    top_logprobs: int = 0
+    stop: tuple[str, ...] = ()
+    version: int | None = None  # the policy step asked for (`name@step`); None: the current one
+    stop_check: StopCheck | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass
@@ -29,17 +42,25 @@ class _Request:
     temperature: float
     seed: int | None
     future: asyncio.Future[list[Sample]] = field(repr=False)
+    options: SampleOptions = field(default_factory=SampleOptions)
 
     @property
-    def key(self) -> tuple[int, float]:
-        return self.max_new_tokens, self.temperature
+    def key(self) -> tuple[int, float, SampleOptions]:
+        return self.max_new_tokens, self.temperature, self.options
 
 
 class SamplingBatcher:
     """Queue in front of `Policy.sample`; one batch runs at a time."""
 
-    def __init__(self, policy: Policy, max_batch: int = 16, window_s: float = 0.01) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        max_batch: int = 16,
+        window_s: float = 0.01,
+        adapter_loader: Callable[[int], AdapterState] | None = None,
+    ) -> None:
         self.policy = policy
+        self.adapter_loader = adapter_loader
         self.max_batch = max_batch
         self.window_s = window_s
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
@@ -60,10 +81,16 @@ class SamplingBatcher:
             self._worker = None
 
     async def sample(
-        self, prompt_ids: list[int], n: int, max_new_tokens: int, temperature: float, seed: int | None
+        self,
+        prompt_ids: list[int],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int | None,
+        options: SampleOptions | None = None,
     ) -> list[Sample]:
         future: asyncio.Future[list[Sample]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(prompt_ids, n, max_new_tokens, temperature, seed, future))
+        await self._queue.put(_Request(prompt_ids, n, max_new_tokens, temperature, seed, future, options or SampleOptions()))
         try:
             return await future
         finally:
@@ -117,8 +144,19 @@ class SamplingBatcher:
         seeds = [None if r.seed is None else r.seed + k for r in live for k in range(r.n)]
         first = live[0]
         try:
+            options = first.options
             samples = await anyio.to_thread.run_sync(
-                self.policy.sample, prompts, first.max_new_tokens, first.temperature, seeds
+                functools.partial(
+                    self.policy.sample,
+                    prompts,
+                    first.max_new_tokens,
+                    first.temperature,
+                    seeds,
+                    top_logprobs=options.top_logprobs,
+                    stop_check=options.stop_check,
+                    version=options.version,
+                    adapter_loader=self.adapter_loader,
+                )
             )
         except Exception as exc:  # the callers get the error; the worker keeps serving
             logger.exception("sampling failed for a batch of {} prompts", len(prompts))

@@ -1,18 +1,20 @@
 """The trainable policy of the embedded backend: a LoRA-wrapped causal LM on CPU.
 
 One object owns the weights, so sampling and GRPO updates never race: both take the same
-lock. Sampling returns the chosen tokens' log-probabilities (what the OpenAI API calls
-`logprobs`), and training recomputes them under the current weights for the loss, as an
-on-policy GRPO step with one update per batch of groups. Between weight changes, the keys and
-values of finished rows are kept (`PrefixStore`) so a rollout's next turn prefills only its
-new tokens.
+lock. Sampling returns the chosen tokens' log-probabilities under the model's own
+distribution (before temperature, as vLLM reports them), including the end-of-turn token that
+ended the completion, so the trainer learns when to stop. Training (`policy_training`)
+recomputes them under the current weights; the ratio to the sampled ones corrects stale
+samples. Between weight changes, the keys and values of finished rows are kept
+(`PrefixStore`) so a rollout's next turn prefills only its new tokens. A request may name an
+older adapter (a LoRA state dict): it is swapped in for that batch and swapped back after.
 """
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +22,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 
 from codreamer.backends.embedded.kv_cache import (
     CachedRow,
@@ -33,14 +34,26 @@ from codreamer.backends.embedded.kv_cache import (
     right_aligned_cache,
     row_keys_values,
 )
+from codreamer.backends.embedded.loss import LossConfig
 from codreamer.backends.embedded.prefix_store import PrefixStore
+from codreamer.backends.embedded.sequences import (  # re-exported: callers import them from here
+    MIN_SHARED_PREFIX,
+    TrainSequence,
+    batch_cost,
+    micro_batches,
+    trainable_shared_prefix,
+)
+
+__all__ = ["MIN_SHARED_PREFIX", "Policy", "Sample", "TrainSequence", "batch_cost", "trainable_shared_prefix"]
 from codreamer.config import Settings, default_of
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_FILE = "adapter_model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
-#: A common prefix shorter than this is not worth a forward pass of its own.
-MIN_SHARED_PREFIX = 16
+#: A LoRA state dict (peft's keys, as in `adapter_model.safetensors`).
+AdapterState = Mapping[str, torch.Tensor]
+#: Says whether a row's tokens so far end its completion (a `stop` string was produced).
+StopCheck = Callable[[list[int]], bool]
 #: Default memory for the keys/values of recent conversations (`PrefixStore`).
 DEFAULT_PREFIX_STORE_BYTES = 512 * 2**20
 
@@ -81,33 +94,17 @@ class _Start:
 class Sample:
     """One sampled completion: token ids, their log-probabilities, why it stopped."""
 
-    token_ids: list[int]
+    token_ids: list[int]  # the end-of-turn token that stopped it included, as vLLM returns it
     logprobs: list[float]
-    finish_reason: str  # "stop" (end-of-turn token) or "length"
+    finish_reason: str  # "stop" (end-of-turn token or stop string) or "length"
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the k most likely (id, logprob)
+    version: int = 0  # the policy step whose weights sampled it
 
 
-@dataclass(frozen=True)
-class TrainSequence:
-    """Tokens to reinforce with one advantage: the completion, plus `prompt_spans`.
-
-    `prompt_spans` are [start, end) ranges of `prompt_ids` that were sampled too: earlier
-    turns of the same episode, which a multi-turn trajectory carries in its last prompt.
-    Training them inside the last turn's sequence costs one forward pass instead of one per
-    turn, with the same loss.
-    """
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    advantage: float
-    prompt_spans: tuple[tuple[int, int], ...] = ()
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.completion_ids)
-
-    @property
-    def trained_tokens(self) -> int:
-        return len(self.completion_ids) + sum(end - start for start, end in self.prompt_spans)
+def _top_k(logits: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Per row of `logits`, the `k` most likely tokens and their log-probs (model distribution)."""
+    values, indices = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
 
 
 def _row_generators(seed: int | Sequence[int | None] | None, rows: int) -> list[torch.Generator | None]:
@@ -132,89 +129,47 @@ def inverse_cdf_sample(probs: torch.Tensor, generators: Sequence[torch.Generator
     return chosen.clamp(max=probs.shape[-1] - 1)
 
 
-def _tokens(seq: TrainSequence) -> list[int]:
-    return seq.prompt_ids + seq.completion_ids
-
-
-def _first_trained(seq: TrainSequence) -> int:
-    return min([len(seq.prompt_ids), *(start for start, _ in seq.prompt_spans)])
-
-
-def _shared_limit(seq: TrainSequence) -> int:
-    """How much of `seq` a shared prefix may cover: up to the position that predicts its first trained token."""
-    return _first_trained(seq) - 1
-
-
-def trainable_shared_prefix(sequences: Sequence[TrainSequence]) -> int:
-    """Length of the prefix all `sequences` share and none trains on (0 when not worth sharing)."""
-    if len(sequences) < 2:
-        return 0
-    shared = min(common_prefix_length([_tokens(s) for s in sequences]), *(_shared_limit(s) for s in sequences))
-    return shared if shared >= MIN_SHARED_PREFIX else 0
-
-
-def batch_cost(sequences: Sequence[TrainSequence]) -> int:
-    """Tokens a micro-batch computes: its shared prefix once, plus each row's padded rest."""
-    shared = trainable_shared_prefix(sequences)
-    return shared + len(sequences) * (max(s.length for s in sequences) - shared)
-
-
-def _prefix_runs(ordered: Sequence[TrainSequence]) -> Iterator[list[TrainSequence]]:
-    """Consecutive runs of token-sorted sequences, extended while sharing saves computed tokens."""
-    run: list[TrainSequence] = []
-    for seq in ordered:
-        if run and batch_cost([*run, seq]) >= batch_cost(run) + seq.length:
-            yield run
-            run = []
-        run.append(seq)
-    if run:
-        yield run
-
-
-def _chunks(sequences: Sequence[TrainSequence], budget: int) -> list[list[TrainSequence]]:
-    """Consecutive chunks whose `batch_cost` fits `budget` (a longer sequence goes alone)."""
-    chunks: list[list[TrainSequence]] = []
-    current: list[TrainSequence] = []
-    for seq in sequences:
-        if current and batch_cost([*current, seq]) > budget:
-            chunks.append(current)
-            current = []
-        current.append(seq)
-    if current:
-        chunks.append(current)
-    return chunks
-
-
 @dataclass
 class _Decoding:
     """The tokens each row has drawn so far, and which rows are still in the batch."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
+    top: list[list[list[tuple[int, float]]]]
     finished: list[bool]
     live: list[int]  # original row of each batch row still decoding
 
     @classmethod
     def start(cls, rows: int) -> _Decoding:
-        return cls([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, list(range(rows)))
+        return cls([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, list(range(rows)))
 
-    def record(self, chosen: list[int], logprobs: list[float], stop_ids: set[int]) -> list[int]:
-        """Append one step's tokens; returns the batch indices of the rows that go on."""
+    def record(
+        self,
+        chosen: list[int],
+        logprobs: list[float],
+        stop_ids: set[int],
+        stop_check: StopCheck | None = None,
+        top: list[list[tuple[int, float]]] | None = None,
+    ) -> list[int]:
+        """Append one step's tokens (an end-of-turn token too: it is part of the completion, as
+        in vLLM, and the trainer must see it); returns the batch indices of the rows that go on."""
         keep = []
         for index, (row, token, logprob) in enumerate(zip(self.live, chosen, logprobs, strict=True)):
-            if token in stop_ids:
-                self.finished[row] = True
-                continue
             self.tokens[row].append(token)
             self.logprobs[row].append(logprob)
+            if top is not None:
+                self.top[row].append(top[index])
+            if token in stop_ids or (stop_check is not None and stop_check(self.tokens[row])):
+                self.finished[row] = True
+                continue
             keep.append(index)
         self.live = [self.live[index] for index in keep]
         return keep
 
-    def samples(self) -> list[Sample]:
+    def samples(self, with_top: bool, version: int) -> list[Sample]:
         return [
-            Sample(tokens, logprobs, "stop" if finished else "length")
-            for tokens, logprobs, finished in zip(self.tokens, self.logprobs, self.finished, strict=True)
+            Sample(tokens, logprobs, "stop" if finished else "length", top if with_top else None, version)
+            for tokens, logprobs, top, finished in zip(self.tokens, self.logprobs, self.top, self.finished, strict=True)
         ]
 
 
@@ -250,6 +205,7 @@ class Policy:
         self.prefix_store = PrefixStore(prefix_store_bytes)
         self.prompt_tokens = 0  # prompt tokens sampled from, since creation
         self.prefilled_positions = 0  # positions the prefills computed for them (padding included)
+        self.version = 0  # the training step of the current weights (set by the backend)
         self.model.eval()
 
     # ----------------------------------------------------------------------------- sampling
@@ -260,15 +216,48 @@ class Policy:
         max_new_tokens: int,
         temperature: float,
         seed: int | Sequence[int | None] | None = None,
+        *,
+        top_logprobs: int = 0,
+        stop_check: StopCheck | None = None,
+        version: int | None = None,
+        adapter_loader: Callable[[int], AdapterState] | None = None,
     ) -> list[Sample]:
         """Sample one completion per prompt, batched with left padding and a KV cache.
 
         `seed` is one seed per row (or an int: row i gets seed + i). Each row draws from its
         own generator, so a request's tokens do not depend on which other requests happened
-        to share its batch.
+        to share its batch. `version` asks for the weights of that step: the current ones when
+        it is the current step (checked under the lock, so a training step cannot slip in
+        between), else `adapter_loader(version)`'s, swapped in for this call only.
         """
-        with self._lock:
-            return self._sample_locked(prompts, max_new_tokens, temperature, _row_generators(seed, len(prompts)))
+        generators = _row_generators(seed, len(prompts))
+        with self._lock, self._weights_of(version, adapter_loader) as served:
+            return self._sample_locked(prompts, max_new_tokens, temperature, generators, top_logprobs, stop_check, served)
+
+    @contextmanager
+    def _weights_of(self, version: int | None, adapter_loader: Callable[[int], AdapterState] | None) -> Iterator[int]:
+        """Hold the lock's caller on step `version`'s weights (the current ones when None or current)."""
+        if version is None or version == self.version:
+            yield self.version
+            return
+        if adapter_loader is None:
+            raise LookupError(f"step {version} is not the current step {self.version} and no older adapter can be loaded")
+        current = self._swap_adapter(adapter_loader(version))
+        try:
+            yield version
+        finally:
+            self._swap_adapter(current)
+
+    def _swap_adapter(self, adapter: AdapterState) -> dict[str, torch.Tensor]:
+        """Load `adapter` into the LoRA weights (unmerged); return the weights it replaced."""
+        self._unmerge_lora()
+        current = self.lora_state()
+        set_peft_model_state_dict(self.model, dict(adapter))
+        return current
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the current LoRA weights, in peft's keys."""
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
 
     def _sample_locked(
         self,
@@ -276,6 +265,9 @@ class Policy:
         max_new_tokens: int,
         temperature: float,
         generators: list[torch.Generator | None],
+        top_logprobs: int = 0,
+        stop_check: StopCheck | None = None,
+        version: int = 0,
     ) -> list[Sample]:
         self._merge_lora()
         start = self._start(prompts, max_new_tokens)
@@ -298,7 +290,8 @@ class Policy:
                 attention = close_gaps(cache, attention, max_new_tokens)
             in_batch = rows.live
             chosen, chosen_logprobs = self._choose(logits, temperature, [generators[row] for row in in_batch])
-            keep = rows.record(chosen.tolist(), chosen_logprobs.tolist(), self.stop_ids)
+            top = _top_k(logits, top_logprobs) if top_logprobs else None
+            keep = rows.record(chosen.tolist(), chosen_logprobs.tolist(), self.stop_ids, stop_check, top)
             if not keep or step + 1 == max_new_tokens:
                 break
             if len(keep) < len(chosen):  # drop finished rows: later steps compute only live ones
@@ -311,7 +304,25 @@ class Policy:
             step_pos = step_pos[:, -1:] + 1
             attention = torch.cat([attention, torch.ones(len(keep), 1, dtype=attention.dtype)], dim=-1)
         self._store_rows(prompts, rows, cache, attention, in_batch, range(len(in_batch)))
-        return rows.samples()
+        return rows.samples(bool(top_logprobs), version)
+
+    @torch.inference_mode()
+    def prompt_logprobs(
+        self,
+        prompt: list[int],
+        top_logprobs: int = 0,
+        version: int | None = None,
+        adapter_loader: Callable[[int], AdapterState] | None = None,
+    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Log-prob of each prompt token given the tokens before it (None for the first), with
+        the `top_logprobs` most likely tokens at each position: scores a given completion."""
+        with self._lock, self._weights_of(version, adapter_loader):
+            self._merge_lora()
+            logits = self.model(input_ids=torch.tensor([prompt])).logits[0, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(-1, torch.tensor(prompt[1:]).unsqueeze(-1)).squeeze(-1).tolist()
+        tops = _top_k(logits, top_logprobs) if top_logprobs else [[] for _ in chosen]
+        return [None, *zip(chosen, tops, strict=True)]
 
     def _start(self, prompts: list[list[int]], max_new_tokens: int) -> _Start:
         """Prefill from the stored conversations when that computes fewer positions than
@@ -383,13 +394,16 @@ class Policy:
     def _choose(
         logits: torch.Tensor, temperature: float, generators: list[torch.Generator | None]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick the next token per row; return it and its log-probability under the sampling distribution."""
+        """Pick the next token per row (from the distribution at `temperature`); return it and its
+        log-probability under the model's own distribution (temperature 1), as vLLM reports it:
+        the value the trainer recomputes, so the importance ratio of a fresh sample is 1."""
+        log_probs = torch.log_softmax(logits, dim=-1)
         if temperature <= 0:
-            log_probs = torch.log_softmax(logits, dim=-1)
             chosen = log_probs.argmax(dim=-1)
-        else:
-            log_probs = torch.log_softmax(logits / temperature, dim=-1)
+        elif temperature == 1.0:
             chosen = inverse_cdf_sample(log_probs.exp(), generators)
+        else:
+            chosen = inverse_cdf_sample(torch.softmax(logits / temperature, dim=-1), generators)
         return chosen, log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,122 +437,55 @@ class Policy:
             self.prefix_store.clear()  # training is about to change the weights
 
     # ----------------------------------------------------------------------------- training
-    def train_step(self, sequences: list[TrainSequence], learning_rate: float) -> dict[str, float]:
-        """One GRPO update: maximise advantage-weighted log-likelihood of the sampled tokens.
+    def train_step(
+        self,
+        sequences: list[TrainSequence],
+        learning_rate: float,
+        loss: LossConfig | None = None,
+        reference: AdapterState | str | None = None,
+    ) -> dict[str, float]:
+        """One policy-gradient update (`policy_training.train_step`); `reference` ("base" or a
+        LoRA state) gives the KL penalty's reference log-probs when `loss.kl_penalty_coef` > 0."""
+        from codreamer.backends.embedded.policy_training import train_step
 
-        The step is on-policy (the samples come from the current weights and we update
-        once), so the PPO ratio is 1 and the clipped objective reduces to this gradient.
-        The loss is averaged over all completion tokens of the batch (token-level, as in
-        DAPO), so long and short answers weigh by their length.
-        """
         with self._lock:
-            return self._train_locked(sequences, learning_rate)
-
-    def _train_locked(self, sequences: list[TrainSequence], learning_rate: float) -> dict[str, float]:
-        self._unmerge_lora()
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate
-        total_tokens = sum(s.trained_tokens for s in sequences)
-        active = [s for s in sequences if s.advantage != 0.0]  # zero advantage: zero gradient
-        self.model.train()
-        loss_sum, logprob_sum = 0.0, 0.0
-        try:
-            self.optimizer.zero_grad(set_to_none=True)
-            with tqdm(total=sum(s.length for s in active), desc="train", unit="tok", unit_scale=True, leave=False) as bar:
-                for micro in self.micro_batches(active):
-                    loss, logprob_total = self.policy_loss(micro, normalizer=total_tokens)
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    logprob_sum += logprob_total
-                    bar.update(sum(s.length for s in micro))
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.config.max_grad_norm)
-            self.optimizer.step()
-        finally:
-            self.model.eval()
-        active_tokens = sum(s.trained_tokens for s in active)
-        return {
-            "loss": loss_sum,
-            "grad_norm": float(grad_norm),
-            "num_sequences": float(len(sequences)),
-            "num_tokens": float(total_tokens),
-            "mean_logprob": logprob_sum / active_tokens if active_tokens else math.nan,
-            "learning_rate": learning_rate,
-        }
+            self._unmerge_lora()
+            return train_step(self, sequences, learning_rate, loss or LossConfig(), reference)
 
     def micro_batches(self, sequences: list[TrainSequence]) -> list[list[TrainSequence]]:
-        """Split by a computed-token budget so activation memory stays bounded on any batch size.
+        return micro_batches(sequences, self.config.micro_batch_tokens)
 
-        Sequences that share a prompt prefix (a GRPO group; rollouts share the system
-        prompt) are kept together, so each micro-batch computes that prefix once
-        (`batch_cost`). The rest are sorted by length, so each micro-batch pads little.
-        """
-        budget = self.config.micro_batch_tokens
-        runs = list(_prefix_runs(sorted(sequences, key=_tokens)))
-        loners = sorted((run[0] for run in runs if len(run) == 1), key=lambda s: s.length)
-        shared = [chunk for run in runs if len(run) > 1 for chunk in _chunks(run, budget)]
-        return shared + _chunks(loners, budget)
+    def policy_loss(self, sequences: list[TrainSequence], normalizer: int, loss: LossConfig | None = None) -> tuple[torch.Tensor, float]:
+        """The loss of one micro-batch divided by `normalizer`, and the (detached) sum of its token log-probs."""
+        from codreamer.backends.embedded.policy_training import micro_batch_loss
 
-    def policy_loss(self, sequences: list[TrainSequence], normalizer: int) -> tuple[torch.Tensor, float]:
-        """Sum of -advantage * log p(token) over completion tokens, divided by `normalizer`.
-
-        The batch's shared prefix (untrained tokens only) runs once with batch size 1 and
-        its keys/values are repeated for every row, inside the autograd graph, so the
-        gradient is the same as with every row computed in full. Log-probs are computed
-        only at positions that predict trained tokens, so full-vocabulary logits never
-        exist for the prompt. Returns the loss and the (detached) sum of the token log-probs.
-        """
         self._unmerge_lora()
-        decoder = self.model.base_model.model.model
-        shared = trainable_shared_prefix(sequences)
-        cache = None
-        if shared:
-            cache = DynamicCache(config=decoder.config)
-            decoder(input_ids=torch.tensor([_tokens(sequences[0])[:shared]]), past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(len(sequences))
-        ids, mask, targets, advantages = self._right_pad(sequences, shared)
-        attention = torch.cat([torch.ones(len(sequences), shared, dtype=mask.dtype), mask], dim=-1) if shared else mask
-        positions = (shared + torch.arange(ids.shape[1])).unsqueeze(0) if shared else None
-        hidden = decoder(
-            input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=bool(shared)
-        ).last_hidden_state
-        rows, cols = torch.nonzero(targets[:, 1:] >= 0, as_tuple=True)
-        logits = self.model.base_model.model.lm_head(hidden[rows, cols]).float()
-        token_ids = targets[rows, cols + 1]
-        token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-        loss = -(advantages[rows] * token_logprobs).sum() / max(normalizer, 1)
-        return loss, float(token_logprobs.detach().sum())
-
-    def _right_pad(self, sequences: list[TrainSequence], offset: int = 0) -> tuple[torch.Tensor, ...]:
-        """Token ids from `offset` on, right-padded; targets hold the trained tokens, else -1."""
-        width = max(s.length for s in sequences) - offset
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        targets = torch.full((len(sequences), width), -1, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            full = _tokens(seq)[offset:]
-            ids[row, : len(full)] = torch.tensor(full, dtype=torch.long)
-            mask[row, : len(full)] = 1
-            start = len(seq.prompt_ids) - offset
-            targets[row, start : len(full)] = ids[row, start : len(full)]
-            for span_start, span_end in seq.prompt_spans:
-                targets[row, span_start - offset : span_end - offset] = ids[row, span_start - offset : span_end - offset]
-        advantages = torch.tensor([s.advantage for s in sequences], dtype=torch.float32)
-        return ids, mask, targets, advantages
+        value, logprob_sum, _ = micro_batch_loss(self, sequences, normalizer, loss or LossConfig(), None)
+        return value, logprob_sum
 
     # -------------------------------------------------------------------------- checkpoints
-    def save(self, directory: Path) -> None:
-        """Write the LoRA weights and optimizer state (the caller makes it atomic)."""
+    def save(self, directory: Path, *, optimizer: bool = True) -> None:
+        """Write the adapter in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`,
+        loadable with `PeftModel.from_pretrained`) and, if asked, the optimizer state."""
         with self._lock:
             directory.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
-            save_file(state, str(directory / ADAPTER_FILE))
-            torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+            self.model.save_pretrained(str(directory), safe_serialization=True)
+            if optimizer:
+                torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
-    def load(self, directory: Path) -> None:
-        """Restore LoRA weights and optimizer state saved by `save`."""
+    def load(self, directory: Path) -> bool:
+        """Restore LoRA weights (and the optimizer state when saved); False when it had none."""
         with self._lock:
             self._unmerge_lora()  # the merged deltas belong to the old adapter weights
-            set_peft_model_state_dict(self.model, load_file(str(directory / ADAPTER_FILE)))
+            set_peft_model_state_dict(self.model, load_adapter(directory))
             optimizer_path = directory / OPTIMIZER_FILE
             if optimizer_path.is_file():
                 self.optimizer.load_state_dict(torch.load(optimizer_path, weights_only=True))
+                return True
+            self.optimizer.state.clear()
+            return False
+
+
+def load_adapter(directory: Path) -> dict[str, torch.Tensor]:
+    """The LoRA state saved in a checkpoint folder (peft's keys)."""
+    return load_file(str(directory / ADAPTER_FILE))

@@ -1,9 +1,18 @@
 """A loopback OpenAI-compatible endpoint serving the embedded policy.
 
 It speaks `/v1/chat/completions` (messages, tools, temperature, max tokens, n, seed,
-logprobs) and `/v1/models`, so the rollout code is the same for the embedded backend, ART's
-LocalBackend (vLLM) and any hosted model. Like vLLM with `return_token_ids`, each choice
-also carries `prompt_token_ids` and `token_ids`: the exact tokens the GRPO step trains on.
+logprobs, top_logprobs, stop) and `/v1/models`, so the rollout code is the same for the
+embedded backend, ART's LocalBackend (vLLM) and any hosted model. Like vLLM with
+`return_token_ids`, each choice also carries `prompt_token_ids` and `token_ids` (the
+end-of-turn token included): the exact tokens the trainer trains on; and, like ART's vLLM
+runtime, `policy_token_spans`/`prompt_policy_token_spans` saying which policy step produced
+them (what ART's exact-provenance checks and `PipelineTrainer`'s evaluation read).
+
+`model` is the served name (the latest step) or `name@step` (an older step still on disk);
+anything else is a 404. `stream=true` is refused with a 400 (no streaming). To score a given
+completion, send it as the last (assistant) message with `"add_generation_prompt": false` and
+`"prompt_logprobs": k` (vLLM's extra field): the response's top-level `prompt_logprobs` holds,
+per prompt token, `{token_id: {"logprob", "rank", "decoded_token"}}` (None for the first).
 
 A request whose client is gone (it disconnected, or timed out and closed its connection to
 retry) is not generated for: aiohttp cancels its handler (`handler_cancellation`), which
@@ -15,24 +24,31 @@ dropped.)
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import socket
 import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
+import anyio.to_thread
 from aiohttp import web
 from loguru import logger
 from transformers import PreTrainedTokenizerBase
 
-from codreamer.backends.embedded.batcher import SamplingBatcher
+from codreamer.backends.embedded.batcher import SampleOptions, SamplingBatcher
 from codreamer.backends.embedded.chat_format import parse_completion, to_chatml_messages
-from codreamer.backends.embedded.policy import Sample
+from codreamer.backends.embedded.policy import Sample, StopCheck
 
 
 class BadRequest(ValueError):
     """A request the server refuses with HTTP 400 and this message."""
+
+
+class NotFound(LookupError):
+    """A request for a model this server does not serve (HTTP 404)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,32 @@ class SamplingRequest:
     n: int
     seed: int | None
     tokens_as_ids: bool
+    model: str | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    add_generation_prompt: bool = True
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _stop_strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise BadRequest("field 'stop' must be a non-empty string or a list of non-empty strings")
+    return tuple(values)
+
+
+def _optional_count(body: dict[str, Any], name: str, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value <= high:
+        raise BadRequest(f"field '{name}' must be an integer from 0 to {high}")
+    return int(value)
 
 
 def _first_set(*values: Any) -> Any:
@@ -77,6 +119,14 @@ def parse_request(body: Any, default_max_tokens: int) -> SamplingRequest:
         raise BadRequest("field 'n' must be an integer from 1 to 64")
     if seed is not None and not _is_int(seed):
         raise BadRequest("field 'seed' must be an integer")
+    if body.get("stream"):
+        raise BadRequest("field 'stream': streaming is not supported by the embedded server; send stream=false")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("field 'model' must be a string")
+    add_generation_prompt = body.get("add_generation_prompt", True)
+    if not isinstance(add_generation_prompt, bool):
+        raise BadRequest("field 'add_generation_prompt' must be a boolean")
     return SamplingRequest(
         messages=messages,
         tools=tools or None,
@@ -85,6 +135,11 @@ def parse_request(body: Any, default_max_tokens: int) -> SamplingRequest:
         n=n,
         seed=seed,
         tokens_as_ids=bool(body.get("return_tokens_as_token_ids", False)),
+        model=model,
+        stop=_stop_strings(body.get("stop")),
+        top_logprobs=_optional_count(body, "top_logprobs", MAX_TOP_LOGPROBS) or 0,
+        prompt_logprobs=_optional_count(body, "prompt_logprobs", MAX_TOP_LOGPROBS),
+        add_generation_prompt=add_generation_prompt,
     )
 
 
@@ -105,8 +160,10 @@ class PolicyServer:
         model_name: str,
         max_context_tokens: int = 8192,
         default_max_tokens: int = 256,
+        resolve: Callable[[str], int | None] | None = None,
     ) -> None:
         self.batcher = batcher
+        self.resolve = resolve  # model name -> policy step (None: latest); raises LookupError
         self.tokenizer = tokenizer
         self.api_key = api_key
         self.model_name = model_name
@@ -151,23 +208,78 @@ class PolicyServer:
     async def _chat(self, request: web.Request) -> web.Response:
         try:
             parsed = parse_request(await request.json(), self.default_max_tokens)
+            version = self._version(parsed.model)
             prompt_ids = self._render(parsed)
+        except NotFound as exc:
+            return _error(404, str(exc))
         except (BadRequest, ValueError) as exc:
             return _error(400, str(exc))
         except (KeyError, TypeError, AttributeError) as exc:  # a message or tool of the wrong shape
             return _error(400, f"malformed messages or tools: {type(exc).__name__}: {exc}")
+        options = SampleOptions(parsed.top_logprobs, parsed.stop, version, self._stop_check(parsed.stop))
         try:
-            samples = await self.batcher.sample(prompt_ids, parsed.n, parsed.max_tokens, parsed.temperature, parsed.seed)
+            samples = await self.batcher.sample(prompt_ids, parsed.n, parsed.max_tokens, parsed.temperature, parsed.seed, options)
+            scored = await self._prompt_logprobs(parsed, prompt_ids, version)
         except asyncio.CancelledError:  # the client disconnected or timed out: its batch entry is cancelled too
             self.requests_abandoned += 1
             logger.debug("chat request abandoned by its client; not generating for it")
             raise
+        except LookupError as exc:  # the step was deleted between the check and the sampling
+            return _error(404, str(exc))
         self.requests_served += 1
-        return web.json_response(self._response(parsed, prompt_ids, samples))
+        response = self._response(parsed, prompt_ids, samples)
+        if scored is not None:
+            response["prompt_logprobs"] = scored
+        return web.json_response(response)
+
+    def _version(self, model: str | None) -> int | None:
+        """The policy step `model` names; NotFound for a model not served here."""
+        if model is None:
+            return None
+        if self.resolve is None:
+            if model != self.model_name:
+                raise NotFound(f"model {model!r} is not served here; serving {self.model_name!r}")
+            return None
+        try:
+            return self.resolve(model)
+        except LookupError as exc:
+            raise NotFound(str(exc)) from exc
+
+    def _stop_check(self, stop: tuple[str, ...]) -> StopCheck | None:
+        """A row stops once its decoded text holds a stop string (checked on the text's tail)."""
+        if not stop:
+            return None
+        longest = max(len(s) for s in stop)
+
+        def produced_stop(tokens: list[int]) -> bool:
+            tail = self.tokenizer.decode(tokens[-(longest + 8) :], skip_special_tokens=True)
+            return any(s in tail for s in stop)
+
+        return produced_stop
+
+    async def _prompt_logprobs(self, parsed: SamplingRequest, prompt_ids: list[int], version: int | None) -> list[Any] | None:
+        if parsed.prompt_logprobs is None:
+            return None
+        policy = self.batcher.policy
+        values = await anyio.to_thread.run_sync(
+            functools.partial(
+                policy.prompt_logprobs, prompt_ids, parsed.prompt_logprobs, version=version, adapter_loader=self.batcher.adapter_loader
+            )
+        )
+        return [None if v is None else self._prompt_entry(token, *v) for token, v in zip(prompt_ids, values, strict=True)]
+
+    def _prompt_entry(self, token: int, logprob: float, top: list[tuple[int, float]]) -> dict[str, Any]:
+        """vLLM's prompt-logprob entry: the prompt token and the top ones, by id, with rank and text."""
+        entry = {str(token): {"logprob": logprob, "rank": None, "decoded_token": self.tokenizer.decode([token])}}
+        for rank, (other, value) in enumerate(top, start=1):
+            entry.setdefault(str(other), {"logprob": value, "rank": rank, "decoded_token": self.tokenizer.decode([other])})
+            if other == token:
+                entry[str(token)]["rank"] = rank
+        return entry
 
     def _render(self, parsed: SamplingRequest) -> list[int]:
         flat = to_chatml_messages(parsed.messages, parsed.tools)
-        ids = self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template(flat, add_generation_prompt=parsed.add_generation_prompt, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         if len(ids) + parsed.max_tokens > self.max_context_tokens:
             raise BadRequest(
@@ -183,7 +295,7 @@ class PolicyServer:
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": self.model_name,
+            "model": parsed.model or self.model_name,
             "choices": choices,
             "prompt_token_ids": prompt_ids,
             "usage": {
@@ -194,7 +306,7 @@ class PolicyServer:
         }
 
     def _choice(self, index: int, parsed: SamplingRequest, prompt_ids: list[int], sample: Sample) -> dict[str, Any]:
-        text = self.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+        text = _cut_at_stop(self.tokenizer.decode(sample.token_ids, skip_special_tokens=True), parsed.stop)
         completion = parse_completion(text, tools_offered=parsed.tools is not None)
         message: dict[str, Any] = {"role": "assistant", "content": completion.content}
         if completion.tool_calls:
@@ -207,20 +319,44 @@ class PolicyServer:
             "logprobs": {"content": self._logprobs(sample, parsed.tokens_as_ids)},
             "prompt_token_ids": prompt_ids,
             "token_ids": sample.token_ids,
+            **self._policy_spans(parsed, len(prompt_ids), len(sample.token_ids), sample.version),
         }
 
+    def _policy_spans(self, parsed: SamplingRequest, prompt_tokens: int, completion_tokens: int, version: int) -> dict[str, Any]:
+        """ART's provenance: one span per choice, every token from the weights of step `version`
+        (a batch never changes weights mid-way: training waits for the sampler's lock)."""
+        slot = f"{self.model_name}@{version}"
+
+        def span(start: int, end: int) -> dict[str, Any]:
+            return {"start_token": start, "end_token": end, "generation_id": slot, "policy_version": version, "lora_slot": slot, "update_seq": version}
+
+        return {
+            "prompt_policy_token_spans": [span(1, prompt_tokens)] if prompt_tokens > 1 else [],
+            "policy_token_spans": [span(0, completion_tokens)] if completion_tokens else [],
+        }
+
+    def _piece(self, token: int, tokens_as_ids: bool) -> str:
+        return f"token_id:{token}" if tokens_as_ids else str(self.tokenizer.convert_ids_to_tokens([token])[0])
+
     def _logprobs(self, sample: Sample, tokens_as_ids: bool) -> list[dict[str, Any]]:
-        pieces = (
-            [f"token_id:{t}" for t in sample.token_ids]
-            if tokens_as_ids
-            else self.tokenizer.convert_ids_to_tokens(sample.token_ids)
-        )
-        return [
-            {"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": []}
-            for piece, lp in zip(pieces, sample.logprobs, strict=True)
-        ]
+        tops = sample.top_logprobs or [[] for _ in sample.token_ids]
+        entries = []
+        for token, lp, top in zip(sample.token_ids, sample.logprobs, tops, strict=True):
+            piece = self._piece(token, tokens_as_ids)
+            alternatives = [
+                {"token": (alt := self._piece(other, tokens_as_ids)), "logprob": value, "bytes": list(alt.encode())}
+                for other, value in top
+            ]
+            entries.append({"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": alternatives})
+        return entries
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """The text before the first stop string (vLLM leaves the stop string out of the output)."""
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
 
 
 def _error(status: int, message: str) -> web.Response:
-    kind = "invalid_request_error" if status == 400 else "authentication_error"
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "authentication_error")
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
