@@ -42,28 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 #:   3 orchestration     pipeline analysis checkpoints reports         0-3
 #:   4 entry points      cli                                           0-4
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("0 settings", frozenset({"__init__", "config"})),
+    ("0 settings", frozenset("__init__ config".split())),
     (
         "1 foundations",
-        frozenset(
-            {
-                "paths",
-                "errors",
-                "log",
-                "storage",
-                "redaction",
-                "markdown",
-                "retry",
-                "domain",
-                "usage",
-                "runs",
-                "local_trace",
-            }
-        ),
+        frozenset("paths errors log storage redaction markdown retry domain usage runs local_trace".split()),
     ),
-    ("2 components", frozenset({"data", "agent", "rewards", "events", "backends", "tracking"})),
-    ("3 orchestration", frozenset({"pipeline", "analysis", "checkpoints", "reports"})),
-    ("4 entry points", frozenset({"cli"})),
+    ("2 components", frozenset("data agent rewards events backends tracking".split())),
+    ("3 orchestration", frozenset("pipeline analysis checkpoints reports".split())),
+    ("4 entry points", frozenset("cli".split())),
 )
 
 #: Upward edges that exist today (importer, imported), each to be removed by a step of issue 13:
