@@ -38,8 +38,13 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, CliSuppress, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
-
+from pydantic_settings import (
+    BaseSettings,
+    CliSuppress,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 BackendKind = Literal["embedded", "local", "serverless"]
 #: How rollouts call the policy: "direct" (aiohttp, no SDK) or "openai" (ART's OpenAI client);
@@ -97,7 +102,9 @@ class Settings(BaseSettings):
         ),
     )
     runs_dir: ResumeFree[Path] = Field(default=Path("runs"), description="Where run directories are written.")
-    project: str = Field(default="codreamer", description="Project name (ART model project); the same characters as a run id.")
+    project: str = Field(
+        default="codreamer", description="Project name (ART model project); the same characters as a run id."
+    )
     seed: int = Field(default=0, description="Seed for sampling, scenario order and training.")
 
     # --- data ----------------------------------------------------------------------------
@@ -107,7 +114,9 @@ class Settings(BaseSettings):
     iterations: LearnLoopOnly[ResumeFree[int]] = Field(
         default=3, ge=1, description="Learning-loop iterations (one GRPO step each)."
     )
-    epochs: TrainOnly[ResumeFree[int]] = Field(default=1, ge=1, description="`train`: passes over the training scenarios.")
+    epochs: TrainOnly[ResumeFree[int]] = Field(
+        default=1, ge=1, description="`train`: passes over the training scenarios."
+    )
     max_steps: TrainOnly[ResumeFree[int | None]] = Field(
         default=None, ge=1, description="`train`: stop after this many steps (default: all epochs)."
     )
@@ -121,20 +130,28 @@ class Settings(BaseSettings):
     )
 
     # --- evaluation and checkpoints --------------------------------------------------------
-    eval_samples: int = Field(default=2, ge=1, description="Samples per held-out scenario (fixed seeds, same every evaluation).")
+    eval_samples: int = Field(
+        default=2, ge=1, description="Samples per held-out scenario (fixed seeds, same every evaluation)."
+    )
     eval_before_train: bool = Field(
-        default=True, description="Evaluate the base model (step 0) before the first step (--no-eval-before-train skips it)."
+        default=True,
+        description="Evaluate the base model (step 0) before the first step (--no-eval-before-train skips it).",
     )
     eval_every: LearnLoopOnly[ResumeFree[int]] = Field(
         default=0,
         ge=0,
-        description="learn-loop: evaluate every N iterations; 0 = after the last only (base and warm start are always evaluated).",
+        description="learn-loop: evaluate every N iterations; 0 = after the last only "
+        "(base and warm start are always evaluated).",
     )
-    bootstrap_samples: int = Field(default=1000, ge=100, description="Bootstrap resamples of the 95% confidence intervals.")
+    bootstrap_samples: int = Field(
+        default=1000, ge=100, description="Bootstrap resamples of the 95% confidence intervals."
+    )
     keep_last: ResumeFree[int | None] = Field(
         default=1, ge=1, description="Checkpoints kept besides the best: the newest N, or `all` to keep every one."
     )
-    keep_best: ResumeFree[bool] = Field(default=True, description="Also keep the checkpoint with the best held-out reward.")
+    keep_best: ResumeFree[bool] = Field(
+        default=True, description="Also keep the checkpoint with the best held-out reward."
+    )
 
     @field_validator("run_id", "project")
     @classmethod
@@ -163,9 +180,13 @@ class Settings(BaseSettings):
             "training prospects written by the seeded TemplateDemoWriter (demos), or none (off)."
         ),
     )
-    warm_start_demos: int = Field(default=48, ge=1, description="Demonstration episodes of the warm start (training prospects, cycled).")
+    warm_start_demos: int = Field(
+        default=48, ge=1, description="Demonstration episodes of the warm start (training prospects, cycled)."
+    )
     warm_start_learning_rate: float = Field(default=1e-3, gt=0, description="Learning rate of the warm start (LoRA).")
-    warm_start_batch_size: int = Field(default=4, ge=1, description="Demonstrations per optimizer step of the warm start.")
+    warm_start_batch_size: int = Field(
+        default=4, ge=1, description="Demonstrations per optimizer step of the warm start."
+    )
 
     # --- rollout -------------------------------------------------------------------------
     max_turns: int = Field(
@@ -200,7 +221,9 @@ class Settings(BaseSettings):
     )
     learning_rate: float = Field(default=5e-5, gt=0, description="GRPO learning rate.")
     lora_rank: int = Field(default=16, ge=1, description="LoRA rank (embedded backend).")
-    train_retries: ResumeFree[int] = Field(default=3, ge=1, description="Attempts of a training step on transient errors.")
+    train_retries: ResumeFree[int] = Field(
+        default=3, ge=1, description="Attempts of a training step on transient errors."
+    )
     model_cache_dir: ResumeFree[Path] = Field(
         default=Path.home() / ".cache" / "codreamer",
         description="Where the embedded model is cached as safetensors after the first load.",
@@ -244,10 +267,14 @@ class Settings(BaseSettings):
         description="ART backends: log-probs compared with the KL reference, current_learner or sample (better off-policy).",
     )
     epsilon: float | None = Field(
-        default=None, gt=0, description="ART backends: lower clip of the importance ratio (1 - epsilon). Unset: 0.2 for ppo, 1.0 for cispo."
+        default=None,
+        gt=0,
+        description="ART backends: lower clip of the importance ratio (1 - epsilon). Unset: 0.2 for ppo, 1.0 for cispo.",
     )
     epsilon_high: float | None = Field(
-        default=None, gt=0, description="ART backends: upper clip (1 + epsilon_high). Unset: --epsilon for ppo, 4.0 for cispo."
+        default=None,
+        gt=0,
+        description="ART backends: upper clip (1 + epsilon_high). Unset: --epsilon for ppo, 4.0 for cispo.",
     )
     normalize_advantages: bool | None = Field(
         default=None,
@@ -266,10 +293,13 @@ class Settings(BaseSettings):
         default=None, gt=0, description="ART backends: cap on the importance ratio (ART's name for it). Unset: no cap."
     )
     truncated_importance_sampling: float | None = Field(
-        default=None, gt=0, description="ART backends: truncate the sampler-to-learner importance weight at this value. Unset: off."
+        default=None,
+        gt=0,
+        description="ART backends: truncate the sampler-to-learner importance weight at this value. Unset: off.",
     )
     mask_prob_ratio: bool | None = Field(
-        default=None, description="ART backends: zero the ratio of tokens outside the clip range (true/false). Unset: false."
+        default=None,
+        description="ART backends: zero the ratio of tokens outside the clip range (true/false). Unset: false.",
     )
     packed_sequence_length: int | None = Field(
         default=None,
@@ -288,17 +318,25 @@ class Settings(BaseSettings):
     rollout_timeout_s: ResumeFree[float] = Field(
         default=900.0, gt=0, description="A rollout running longer is cancelled and recorded as a failure."
     )
-    generate_timeout_s: ResumeFree[float] = Field(default=3600.0, gt=0, description="Timeout of the generate stage, seconds.")
+    generate_timeout_s: ResumeFree[float] = Field(
+        default=3600.0, gt=0, description="Timeout of the generate stage, seconds."
+    )
     score_timeout_s: ResumeFree[float] = Field(default=1800.0, gt=0, description="Timeout of the score stage, seconds.")
-    train_timeout_s: ResumeFree[float] = Field(default=3600.0, gt=0, description="Timeout of the GRPO update stage, seconds.")
-    evaluate_timeout_s: ResumeFree[float] = Field(default=3600.0, gt=0, description="Timeout of the evaluate stage, seconds.")
+    train_timeout_s: ResumeFree[float] = Field(
+        default=3600.0, gt=0, description="Timeout of the GRPO update stage, seconds."
+    )
+    evaluate_timeout_s: ResumeFree[float] = Field(
+        default=3600.0, gt=0, description="Timeout of the evaluate stage, seconds."
+    )
     force_resume: ResumeFree[bool] = Field(
         default=False, description="Resume a run even though settings that shape training differ from its run.json."
     )
 
     # --- rewards -------------------------------------------------------------------------
     rubric_weight: float = Field(default=0.4, ge=0, description="Weight of the offline rubric in the reward.")
-    ruler_weight: float = Field(default=0.4, ge=0, description="Weight of RULER (LLM judge); dropped when no judge is set.")
+    ruler_weight: float = Field(
+        default=0.4, ge=0, description="Weight of RULER (LLM judge); dropped when no judge is set."
+    )
     online_weight: float = Field(default=0.2, ge=0, description="Weight of online outcomes (opened/replied).")
     auto_finalize_factor: float = Field(
         default=0.5,
@@ -320,7 +358,9 @@ class Settings(BaseSettings):
         exclude=True,
     )
     events_tolerance_s: ResumeFree[float] = Field(
-        default=300.0, gt=0, description="Webhook: refuse requests whose signed timestamp is further than this from now, seconds."
+        default=300.0,
+        gt=0,
+        description="Webhook: refuse requests whose signed timestamp is further than this from now, seconds.",
     )
     judge_model: str | None = Field(
         default=None, description="RULER judge as a litellm model name, e.g. openai/gpt-4.1-mini. Unset: no judge."
@@ -343,15 +383,20 @@ class Settings(BaseSettings):
         default=None, ge=0, description="Policy price, USD per 1M completion tokens; unset: no policy cost is reported."
     )
     judge_price_usd_per_mtok_in: ResumeFree[float | None] = Field(
-        default=None, ge=0, description="Judge (RULER, failure analyzer) price, USD per 1M prompt tokens; unset: no cost."
+        default=None,
+        ge=0,
+        description="Judge (RULER, failure analyzer) price, USD per 1M prompt tokens; unset: no cost.",
     )
     judge_price_usd_per_mtok_out: ResumeFree[float | None] = Field(
-        default=None, ge=0, description="Judge (RULER, failure analyzer) price, USD per 1M completion tokens; unset: no cost."
+        default=None,
+        ge=0,
+        description="Judge (RULER, failure analyzer) price, USD per 1M completion tokens; unset: no cost.",
     )
 
     # --- tracking ------------------------------------------------------------------------
     wandb: ResumeFree[bool] = Field(
-        default=True, description="Use W&B (and Weave when online) as --wandb-mode says; --no-wandb keeps local files only."
+        default=True,
+        description="Use W&B (and Weave when online) as --wandb-mode says; --no-wandb keeps local files only.",
     )
     wandb_mode: ResumeFree[Literal["online", "offline", "disabled"] | None] = Field(
         default=None,
@@ -375,7 +420,9 @@ class Settings(BaseSettings):
         description="Weave project for traces (online mode only; use the W&B project's name to link calls to runs).",
     )
     tracking_timeout_s: ResumeFree[float] = Field(
-        default=10.0, gt=0, description="Longest wait for W&B / Weave to start or flush; past it the run goes on without."
+        default=10.0,
+        gt=0,
+        description="Longest wait for W&B / Weave to start or flush; past it the run goes on without.",
     )
     wandb_api_key: ResumeFree[CliSuppress[SecretStr | None]] = Field(
         default=None,

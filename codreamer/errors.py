@@ -40,7 +40,11 @@ def describe_settings_error(exc: ValidationError) -> str:
         name = loc[0] if loc else ""
         where = name
         if name in _settings_fields():
-            where = f"{name} ({env_name(name)} / {cli_flag(name)})" if not is_secret_field(name) else f"{name} ({env_name(name)})"
+            where = (
+                f"{name} ({env_name(name)} / {cli_flag(name)})"
+                if not is_secret_field(name)
+                else f"{name} ({env_name(name)})"
+            )
         message = str(error["msg"]).removeprefix("Value error, ")
         shown = ""
         if not is_secret_field(name) and "input" in error and _short_repr(error["input"]) not in message:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,12 @@ SECRET_FLAGS = ["--wandb-api-key", "--judge-api-key", "--events-secret"]
 
 
 @pytest.fixture(autouse=True)
-def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No .env or CODREAMER_* / W&B variables of the machine; the working directory is tmp_path."""
     for name in list(os.environ):
         if name.startswith(("CODREAMER_", "WANDB_", "WEAVE_")):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
-    yield
 
 
 @pytest.fixture
@@ -92,7 +91,11 @@ def _one_error_line(err: str, prog: str) -> str:
     ],
 )
 def test_each_training_command_lists_only_its_own_flags(
-    entry_point: Callable[[list[str]], int], args: list[str], own: list[str], foreign: list[str], capsys: pytest.CaptureFixture[str]
+    entry_point: Callable[[list[str]], int],
+    args: list[str],
+    own: list[str],
+    foreign: list[str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     text = _help(entry_point, args, capsys)
     for flag in [*own, "--config", "--group-size", "--learning-rate", "--no-eval-before-train", "--runs-dir"]:
@@ -121,7 +124,9 @@ def test_codreamer_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
 # --------------------------------------------------------------------------- the same commands
 
 
-def test_learn_loop_and_train_are_the_same_commands_under_codreamer(tmp_path: Path, ran: list[tuple[str, Settings]]) -> None:
+def test_learn_loop_and_train_are_the_same_commands_under_codreamer(
+    tmp_path: Path, ran: list[tuple[str, Settings]]
+) -> None:
     flags = ["--runs-dir", str(tmp_path / "runs"), "--group-size", "6", "--run-id", "r1"]
     assert learn_loop_main([*flags, "--iterations", "2"]) == 0
     assert codreamer_main(["learn-loop", *flags, "--iterations", "2"]) == 0
@@ -175,19 +180,28 @@ def test_snake_and_kebab_flags_are_the_same_flag(args: list[str], ran: list[tupl
     assert learn_loop_main(args) == 0
     assert codreamer_main(["train", *args]) == 0
     for _prog, settings in ran:
-        assert (settings.learning_rate, settings.eval_before_train, settings.group_size, settings.keep_last) == (1e-4, False, 6, None)
+        assert (settings.learning_rate, settings.eval_before_train, settings.group_size, settings.keep_last) == (
+            1e-4,
+            False,
+            6,
+            None,
+        )
 
 
 def test_only_flag_names_are_respelled(ran: list[tuple[str, Settings]], capsys: pytest.CaptureFixture[str]) -> None:
     assert learn_loop_main(["--judge-model", "openai/a_b", "--kl-penalty-source", "current_learner", "--", "x_y"]) == 2
-    assert "unrecognized arguments: -- x_y" in _one_error_line(capsys.readouterr().err, "learn-loop")  # after --: left alone
+    assert "unrecognized arguments: -- x_y" in _one_error_line(
+        capsys.readouterr().err, "learn-loop"
+    )  # after --: left alone
     assert learn_loop_main(["--judge-model", "openai/a_b", "--kl-penalty-source", "current_learner"]) == 0
     assert (ran[-1][1].judge_model, ran[-1][1].kl_penalty_source) == ("openai/a_b", "current_learner")
     assert learn_loop_main(["--no_such_flag", "1"]) == 2
     assert "unrecognized arguments: --no_such_flag 1" in _one_error_line(capsys.readouterr().err, "learn-loop")
 
 
-def test_codreamer_takes_snake_case_flags_before_and_after_the_verb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_codreamer_takes_snake_case_flags_before_and_after_the_verb(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _make_run(tmp_path / "runs", "r1")
     assert codreamer_main(["--runs_dir", str(tmp_path / "runs"), "trace", "r1", "--iteration", "1"]) == 0
     assert "no trace recorded" in capsys.readouterr().out
@@ -242,8 +256,12 @@ HOSTILE_CONFIGS: list[tuple[str, str | bytes | None, list[str]]] = [
     ("list.toml", "group_size = [6, 7]\n", ["'group_size' must be a single value, not a list"]),
     ("list.yaml", "- group_size\n", ["must map setting names to values, found a list"]),
     ("settings.json", "{}", ["unknown format '.json'", ".toml, .yaml or .yml"]),
-    ("latin1.toml", b"project = \"caf\xe9\"\n", ["not UTF-8 text"]),
-    ("bad-value.toml", 'group_size = "abc"\n', ["group_size (CODREAMER_GROUP_SIZE / --group-size)", "'abc'", "the key in"]),
+    ("latin1.toml", b'project = "caf\xe9"\n', ["not UTF-8 text"]),
+    (
+        "bad-value.toml",
+        'group_size = "abc"\n',
+        ["group_size (CODREAMER_GROUP_SIZE / --group-size)", "'abc'", "the key in"],
+    ),
     ("escape.toml", 'run_id = "../../x"\n', ["'../../x' is not allowed"]),
 ]
 
@@ -270,7 +288,11 @@ def test_a_bad_config_file_is_one_line_naming_it_and_nothing_runs(
 
 @pytest.mark.parametrize(
     ("key", "env"),
-    [("wandb_api_key", "WANDB_API_KEY"), ("judge-api-key", "CODREAMER_JUDGE_API_KEY"), ("events_secret", "CODREAMER_EVENTS_SECRET")],
+    [
+        ("wandb_api_key", "WANDB_API_KEY"),
+        ("judge-api-key", "CODREAMER_JUDGE_API_KEY"),
+        ("events_secret", "CODREAMER_EVENTS_SECRET"),
+    ],
 )
 @pytest.mark.parametrize("kind", ["toml", "yaml"])
 def test_secrets_are_refused_in_a_config_file(
@@ -301,7 +323,13 @@ def _make_run(runs: Path, run_id: str) -> Path:
     meta = {"run_id": run_id, "kind": "learn-loop", "status": "finished", "created_at": "2026-01-01T00:00:00+00:00"}
     (directory / "run.json").write_text(json.dumps(meta))
     for step, reward in ((1, 0.3), (2, 0.4)):
-        record = {"run_id": run_id, "iteration": step, "step": step, "train/reward_mean": reward, "train/reward_std": 0.1}
+        record = {
+            "run_id": run_id,
+            "iteration": step,
+            "step": step,
+            "train/reward_mean": reward,
+            "train/reward_std": 0.1,
+        }
         append_record(directory / "iterations.jsonl", record | ({"eval/reward_mean": 0.5} if step == 2 else {}))
     return directory
 
@@ -317,7 +345,9 @@ def test_every_verb_runs_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "run r1 (learn-loop, finished)" in out and "iter   2 step   2 reward 0.400 ±0.100 eval 0.500" in out
     assert codreamer_main([*base, "report", "r1"]) == 0
-    assert f"report: {directory / 'report.md'}" in capsys.readouterr().out and (directory / "reward_curve.png").is_file()
+    assert (
+        f"report: {directory / 'report.md'}" in capsys.readouterr().out and (directory / "reward_curve.png").is_file()
+    )
     assert codreamer_main([*base, "trace", "r1"]) == 0
     assert "no trace recorded" in capsys.readouterr().out
     assert codreamer_main([*base, "analyze", "r1"]) == 0
@@ -330,13 +360,17 @@ def test_every_verb_runs_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFix
     assert "serve-events:" in capsys.readouterr().err
 
 
-def test_ingest_and_the_runs_dir_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ingest_and_the_runs_dir_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = tmp_path / "events.jsonl"
     event = {"event_id": "e1", "trajectory_id": "t", "prospect_id": "p", "step": 0, "timestamp": "2025-01-01T00:00:00Z"}
     source.write_text(json.dumps(event) + "\n")
     monkeypatch.setenv("CODREAMER_RUNS_DIR", str(tmp_path / "env-runs"))
     assert codreamer_main(["ingest", str(source)]) == 0
-    assert "1 valid (1 new" in capsys.readouterr().out and (tmp_path / "env-runs" / "codreamer" / "events.jsonl").is_file()
+    assert (
+        "1 valid (1 new" in capsys.readouterr().out and (tmp_path / "env-runs" / "codreamer" / "events.jsonl").is_file()
+    )
 
 
 @pytest.mark.parametrize(
@@ -352,7 +386,9 @@ def test_a_bad_verb_argument_is_one_line(args: list[str], expected: str, capsys:
 
 
 @pytest.mark.parametrize("verb", ["show", "report", "trace", "analyze"])
-def test_a_path_traversal_run_id_is_refused_by_every_verb(verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_path_traversal_run_id_is_refused_by_every_verb(
+    verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _make_run(tmp_path / "runs", "r1")
     (tmp_path / "victim").mkdir()
     assert codreamer_main(["--runs-dir", str(tmp_path / "runs"), verb, "../../../victim"]) == 2
@@ -360,7 +396,9 @@ def test_a_path_traversal_run_id_is_refused_by_every_verb(verb: str, tmp_path: P
     assert list((tmp_path / "victim").iterdir()) == []
 
 
-def test_a_path_traversal_run_id_never_starts_a_run(tmp_path: Path, ran: list[tuple[str, Settings]], capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_path_traversal_run_id_never_starts_a_run(
+    tmp_path: Path, ran: list[tuple[str, Settings]], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert codreamer_main(["learn-loop", "--runs-dir", str(tmp_path / "runs"), "--run_id", "../x"]) == 2
     assert "'../x' is not allowed" in _one_error_line(capsys.readouterr().err, "codreamer")
     assert ran == [] and not (tmp_path / "runs").exists()

@@ -11,7 +11,7 @@ from codreamer.analysis.charts import plot_categories_over_iterations
 from codreamer.paths import UnsafePathError
 from codreamer.usage import LLMPrices
 
-__all__ = ["CROSS_RUN_DIR", "REPORT_FILE", "CHART_FILE", "cmd_analyze"]
+__all__ = ["CHART_FILE", "CROSS_RUN_DIR", "REPORT_FILE", "cmd_analyze"]
 
 REPORT_FILE = "failure_report.md"
 CHART_FILE = "failure_categories.png"

@@ -21,4 +21,12 @@ its traceback goes to the run's `run.log` only, when the run has a directory.
 from codreamer.cli.entry import codreamer_main, learn_loop_main, train_main
 from codreamer.cli.parsing import _parse_settings, refuse_secret_flags, secret_flags, settings_from
 
-__all__ = ["_parse_settings", "codreamer_main", "learn_loop_main", "refuse_secret_flags", "secret_flags", "settings_from", "train_main"]
+__all__ = [
+    "_parse_settings",
+    "codreamer_main",
+    "learn_loop_main",
+    "refuse_secret_flags",
+    "secret_flags",
+    "settings_from",
+    "train_main",
+]

@@ -29,7 +29,9 @@ def read_config_file(path: Path, command: Command) -> dict[str, Any]:
     """The settings `path` gives to `command`, keyed by field name (UsageError on any problem)."""
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise UsageError(f"config file {path}: unknown format {path.suffix or '(no extension)'!r}; use a .toml, .yaml or .yml file")
+        raise UsageError(
+            f"config file {path}: unknown format {path.suffix or '(no extension)'!r}; use a .toml, .yaml or .yml file"
+        )
     data = _parse(path, kind, _read_text(path))
     if data is None:  # an empty YAML file
         return {}
@@ -87,7 +89,9 @@ def _field_name(path: Path, command: Command, key: object) -> str:
     """The setting `key` names (snake_case or kebab-case), or a UsageError saying what is wrong."""
     name = key.replace("-", "_") if isinstance(key, str) else ""
     if name not in Settings.model_fields:
-        raise UsageError(f"config file {path}: unknown setting {key!r}{_did_you_mean(key)}; `{command} --help` lists them")
+        raise UsageError(
+            f"config file {path}: unknown setting {key!r}{_did_you_mean(key)}; `{command} --help` lists them"
+        )
     if is_secret_field(name):
         env = env_name(name)
         raise UsageError(

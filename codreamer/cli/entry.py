@@ -93,7 +93,7 @@ def _run(prog: str, main: Callable[[], Awaitable[Any]], settings: Settings) -> i
     except KeyboardInterrupt:
         logger.warning("interrupted; the last completed iteration and its checkpoint are kept")
         return 130
-    except Exception as exc:  # one clear last line; the traceback is in run.log
+    except Exception as exc:  # noqa: BLE001 - any failure of the run: one clear last line, the traceback in run.log
         return _fail(prog, exc, directory / LOG_FILE)
     return 0
 
@@ -121,7 +121,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 class _Root(BaseModel):
     """Options before the command."""
 
-    runs_dir: Path | None = Field(default=None, description="where runs are; unset: the runs_dir setting (CODREAMER_RUNS_DIR, .env, or runs)")
+    runs_dir: Path | None = Field(
+        default=None, description="where runs are; unset: the runs_dir setting (CODREAMER_RUNS_DIR, .env, or runs)"
+    )
+
+
+def _subcommand(model: type[BaseModel]) -> Any:
+    """`CliSubCommand[model]` for a model known at run time only."""
+    return CliSubCommand[model]  # type: ignore[misc, valid-type]
 
 
 @cache
@@ -129,11 +136,14 @@ def codreamer_model() -> type[BaseModel]:
     """The `codreamer` command line: `--runs-dir`, then one command (`learn-loop`, `train`, the verbs)."""
     commands: dict[str, Any] = {}
     for command in COMMANDS:
-        commands[command.replace("-", "_")] = (CliSubCommand[training_model(command)], Field(description=DESCRIPTIONS[command]))
+        commands[command.replace("-", "_")] = (
+            _subcommand(training_model(command)),
+            Field(description=DESCRIPTIONS[command]),
+        )
     for name, verb in VERBS.items():
         summary = (verb.__doc__ or "").strip().splitlines()[0]
-        commands[name.replace("-", "_")] = (CliSubCommand[verb], Field(description=summary))
-    return create_model(  # type: ignore[call-overload, no-any-return]
+        commands[name.replace("-", "_")] = (_subcommand(verb), Field(description=summary))
+    return create_model(
         "Codreamer",
         __base__=_Root,
         __doc__="Train and evaluate the agent, look at runs, ingest outcomes, analyse failures.\n\n"
@@ -152,7 +162,7 @@ def _dispatch(values: dict[str, Any]) -> int:
     if name in COMMANDS:
         if runs_dir is not None:
             flags.setdefault("runs_dir", runs_dir)
-        return _train("codreamer", name, flags)  # type: ignore[arg-type]
+        return _train("codreamer", name, flags)
     verb = _verb(VERBS[name], flags)
     settings = settings_from() if runs_dir is None else settings_from(runs_dir=runs_dir)
     return verb.run(settings)

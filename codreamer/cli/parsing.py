@@ -63,14 +63,14 @@ def training_model(command: Command) -> type[TrainingCommand]:
         if not is_secret_field(name):  # refused as flags; CliSuppress hides them from --help too
             info = Settings.model_fields[name]
             fields[name] = (info.annotation, Field(default=info.default, description=info.description))
-    model = create_model(  # type: ignore[call-overload]
+    model = create_model(
         command.replace("-", "_").title().replace("_", ""),
         __base__=TrainingCommand,
         __doc__=f"{DESCRIPTIONS[command]}\n\n{PRECEDENCE}",
         **fields,
     )
     model.command = command
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 def known_flags(models: Iterable[type[BaseModel]]) -> set[str]:
@@ -120,7 +120,7 @@ def parse_flags(model: type[BaseModel], args: Sequence[str], prog: str) -> dict[
     `--help` prints the model's help and raises SystemExit(0), as argparse does.
     """
     try:
-        source = CliSettingsSource(
+        source: CliSettingsSource[Any] = CliSettingsSource(
             model,  # type: ignore[arg-type]  # a plain model: only its fields and docstring are read
             cli_prog_name=prog,
             cli_parse_args=list(args),
@@ -182,6 +182,8 @@ def settings_from(**values: object) -> Settings:
     try:
         return Settings(**values)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise UsageError(f"invalid settings: {describe_settings_error(exc)}; fix the environment variable or the line in .env") from None
+        raise UsageError(
+            f"invalid settings: {describe_settings_error(exc)}; fix the environment variable or the line in .env"
+        ) from None
     except SettingsError as exc:
         raise UsageError(f"invalid settings: {one_line(exc)}") from None

@@ -56,7 +56,9 @@ class Runs(Verb):
         if not runs:
             print(f"no runs under {settings.runs_dir}")
             return 0
-        print(f"{'run id':<28} {'kind':<10} {'status':<11} {'iters':>5} {'step':>4} {'train':>6} {'eval':>6} {'best (step)':>12}")
+        print(
+            f"{'run id':<28} {'kind':<10} {'status':<11} {'iters':>5} {'step':>4} {'train':>6} {'eval':>6} {'best (step)':>12}"
+        )
         for path in runs:
             summary = run_summary(path)
             best = "-" if summary.get("best_score") is None else f"{summary['best_score']:.3f} ({summary['best_step']})"
@@ -165,7 +167,9 @@ class ServeEvents(Verb):
         from codreamer.events.cli_commands import cmd_serve_events
 
         secret = settings.events_secret.get_secret_value() if settings.events_secret is not None else None
-        return cmd_serve_events(settings.resolved_events_path(), secret, self.host, self.port, settings.events_tolerance_s)
+        return cmd_serve_events(
+            settings.resolved_events_path(), secret, self.host, self.port, settings.events_tolerance_s
+        )
 
 
 class Analyze(Verb):

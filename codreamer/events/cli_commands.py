@@ -15,7 +15,6 @@ from codreamer.events.log import EventLog
 from codreamer.events.webhook import DEFAULT_TOLERANCE_S, check_secret, serve_events
 
 
-
 def cmd_ingest(log_path: Path, file: Path) -> int:
     """Ingest `file` into the log at `log_path`. Every bad row is reported on stderr as it is
     read (`file:line: field: reason`), then a summary on stdout. Exit 0 if any row was valid,
