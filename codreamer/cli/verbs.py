@@ -18,9 +18,6 @@ from pydantic_settings import CliPositionalArg
 
 from codreamer.config import Settings
 
-#: Verb names that are taken though not implemented yet (a run id can never shadow them).
-RESERVED_VERBS = ("export",)
-
 
 class Verb(BaseModel):
     """Base of a verb: the docstring's first line is its one-line help in `codreamer --help`."""
