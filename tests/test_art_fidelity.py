@@ -40,11 +40,15 @@ def one_torch_thread() -> Iterator[None]:
 
 
 def _model(tmp_path: Path, run_name: str = "run-a", base_model: str = EMBEDDED_MODEL_NAME) -> art.TrainableModel:
-    return art.TrainableModel(name="fidelity", project="p", run_name=run_name, base_model=base_model, base_path=str(tmp_path))
+    return art.TrainableModel(
+        name="fidelity", project="p", run_name=run_name, base_model=base_model, base_path=str(tmp_path)
+    )
 
 
 def _backend() -> EmbeddedBackend:
-    return EmbeddedBackend(Settings().model_cache_dir, GRPOConfig(lora_rank=4, lora_alpha=8, learning_rate=1e-3), max_batch=4)
+    return EmbeddedBackend(
+        Settings().model_cache_dir, GRPOConfig(lora_rank=4, lora_alpha=8, learning_rate=1e-3), max_batch=4
+    )
 
 
 async def _captured_group(model: art.TrainableModel, rewards: tuple[float, float] = (0.2, 1.42)) -> art.TrajectoryGroup:
@@ -79,17 +83,26 @@ async def test_captured_trajectories_train_and_every_step_survives_a_restart(tmp
         assert (checkpoints_dir(model) / "0002" / "adapter_model.safetensors").is_file()  # the step is on disk anyway
 
         flat = await backend.train(model, [await _captured_group(model, (0.5, 0.5))], learning_rate=1e-3)
-        assert flat.step == 3 and flat.metrics["groups_no_reward_spread"] == 1 and flat.metrics["groups_no_trainable_tokens"] == 0
+        assert (
+            flat.step == 3
+            and flat.metrics["groups_no_reward_spread"] == 1
+            and flat.metrics["groups_no_trainable_tokens"] == 0
+        )
 
         async with backend.exact_adapter_lease(model, 1):  # an older step, served from disk
             assert model.get_inference_name() == "fidelity@1"
-            reply = await model.openai_client().chat.completions.create(model=model.get_inference_name(), messages=MESSAGES, max_tokens=4)
+            reply = await model.openai_client().chat.completions.create(
+                model=model.get_inference_name(), messages=MESSAGES, max_tokens=4
+            )
             assert reply.choices[0].model_extra["policy_token_spans"][0]["policy_version"] == 1
         with pytest.raises(LookupError, match="step 9"):
             async with backend.exact_adapter_lease(model, 9):
                 pass
         await backend._delete_checkpoint_files(model, [1])
-        assert sorted(p.name for p in checkpoints_dir(model).iterdir() if not p.name.startswith(".")) == ["0001", "0003"]  # latest kept
+        assert sorted(p.name for p in checkpoints_dir(model).iterdir() if not p.name.startswith(".")) == [
+            "0001",
+            "0003",
+        ]  # latest kept
     finally:
         await backend.close()
 
@@ -115,7 +128,9 @@ async def test_unknown_train_options_are_refused_before_anything_changes(tmp_pat
         with pytest.raises(ValueError, match="kl_penalty_coeff"):
             await backend.train(model, [], learning_rate=1e-3, kl_penalty_coeff=0.1)
         assert await model.get_step() == 0
-        result = await backend.train(model, [await _captured_group(model)], loss_fn="ppo", kl_penalty_coef=0.05, normalize_advantages=False)
+        result = await backend.train(
+            model, [await _captured_group(model)], loss_fn="ppo", kl_penalty_coef=0.05, normalize_advantages=False
+        )
         assert result.step == 1 and "kl_policy_ref" in result.metrics
     finally:
         await backend.close()

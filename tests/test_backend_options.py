@@ -63,7 +63,9 @@ def _train_once(backend: Any, **kwargs: Any) -> dict[str, Any]:
     return backend.calls[-1]
 
 
-def test_the_default_settings_pass_only_the_learning_rate(monkeypatch: pytest.MonkeyPatch, warnings_seen: list[str]) -> None:
+def test_the_default_settings_pass_only_the_learning_rate(
+    monkeypatch: pytest.MonkeyPatch, warnings_seen: list[str]
+) -> None:
     _embedded_double(monkeypatch)
     backend = factory.create_backend(Settings())
     assert factory.train_options(Settings()) == {} and factory.train_options_of(backend) == {}
@@ -130,7 +132,7 @@ def test_every_option_is_set_from_a_flag_or_the_environment(monkeypatch: pytest.
 
 
 @pytest.mark.parametrize(
-    "args, setting",
+    ("args", "setting"),
     [
         (["--loss-fn", "dro"], "loss_fn"),  # Tinker-native only; LocalBackend/ServerlessBackend refuse it
         (["--advantage-balance", "2"], "advantage_balance"),
@@ -145,7 +147,9 @@ def test_a_bad_option_is_refused_before_anything_runs(args: list[str], setting: 
     assert caught.value.exit_code == 2
 
 
-def test_the_embedded_backend_gets_them_and_honours_them(monkeypatch: pytest.MonkeyPatch, warnings_seen: list[str]) -> None:
+def test_the_embedded_backend_gets_them_and_honours_them(
+    monkeypatch: pytest.MonkeyPatch, warnings_seen: list[str]
+) -> None:
     _embedded_double(monkeypatch)
     backend = factory.create_backend(Settings(loss_fn="ppo", kl_penalty_coef=0.1))
     assert not any("ignores" in w for w in warnings_seen)
@@ -162,7 +166,9 @@ def _literal_values(annotation: Any) -> set[Any]:
     return set().union(*(_literal_values(a) for a in typing.get_args(annotation)))
 
 
-@pytest.mark.parametrize("where, name", [("art.local.backend", "LocalBackend"), ("art.serverless.backend", "ServerlessBackend")])
+@pytest.mark.parametrize(
+    ("where", "name"), [("art.local.backend", "LocalBackend"), ("art.serverless.backend", "ServerlessBackend")]
+)
 def test_every_option_is_a_keyword_of_arts_train_with_the_same_choices(where: str, name: str) -> None:
     __import__(where)
     module = sys.modules[where]
@@ -173,5 +179,5 @@ def test_every_option_is_a_keyword_of_arts_train_with_the_same_choices(where: st
         if ours:  # a choice: ours must be among ART's
             theirs = parameters[option].annotation
             if isinstance(theirs, str):  # a module with `from __future__ import annotations`
-                theirs = eval(theirs, {**vars(module), "Literal": typing.Literal})  # noqa: S307 - ART's own source
+                theirs = eval(theirs, {**vars(module), "Literal": typing.Literal})
             assert ours <= _literal_values(theirs), (name, option)

@@ -16,21 +16,21 @@ import torch
 from openai.types.chat.chat_completion import Choice
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from codreamer.backends.embedded.kv_cache import PreallocatedLayer, common_prefix_length
-from codreamer.backends.embedded.policy import (
-    MIN_SHARED_PREFIX,
-    Policy,
-    TrainSequence,
-    batch_cost,
-    inverse_cdf_sample,
-    trainable_shared_prefix,
-)
-from codreamer.backends.embedded.policy import GRPOConfig
 from codreamer.backends.embedded.grpo import (
     MissingTokenIds,
     build_grpo_batch,
     group_advantages,
     trajectory_sequences,
+)
+from codreamer.backends.embedded.kv_cache import PreallocatedLayer, common_prefix_length
+from codreamer.backends.embedded.policy import (
+    MIN_SHARED_PREFIX,
+    GRPOConfig,
+    Policy,
+    TrainSequence,
+    batch_cost,
+    inverse_cdf_sample,
+    trainable_shared_prefix,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -127,7 +127,9 @@ def reference_trained_logprobs(policy: Policy, seq: TrainSequence) -> torch.Tens
     """Like `reference_logprobs`, for every trained token: the completion and the prompt spans."""
     ids = _ids(seq)
     logp = torch.log_softmax(policy.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-    trained = [t for start, end in seq.prompt_spans for t in range(start, end)] + list(range(len(seq.prompt_ids), len(ids)))
+    trained = [t for start, end in seq.prompt_spans for t in range(start, end)] + list(
+        range(len(seq.prompt_ids), len(ids))
+    )
     return logp[torch.tensor(trained) - 1, torch.tensor([ids[t] for t in trained])]
 
 
@@ -154,7 +156,12 @@ def test_group_advantages_without_spread_are_zero() -> None:
 # ---------------------------------------------------------------------- GRPO batches
 def _logprobs(token_ids: list[int] | None) -> dict[str, object]:
     """The server's logprobs for these tokens: -0.1 * (position + 1), so each is recognisable."""
-    return {"content": [{"token": f"token_id:{t}", "logprob": -0.1 * (i + 1), "bytes": [], "top_logprobs": []} for i, t in enumerate(token_ids or [])]}
+    return {
+        "content": [
+            {"token": f"token_id:{t}", "logprob": -0.1 * (i + 1), "bytes": [], "top_logprobs": []}
+            for i, t in enumerate(token_ids or [])
+        ]
+    }
 
 
 def _choice(prompt_ids: list[int] | None, token_ids: list[int] | None) -> Choice:
@@ -228,7 +235,7 @@ def test_trajectory_sequences_accept_choices_in_dict_form() -> None:
     assert _plain(trajectory_sequences(traj, 2.0)) == [TrainSequence([1, 2], [3], 2.0)]
 
 
-@pytest.mark.parametrize("prompt_ids, token_ids", [(None, None), ([1, 2], None), (None, [3])])
+@pytest.mark.parametrize(("prompt_ids", "token_ids"), [(None, None), ([1, 2], None), (None, [3])])
 def test_choices_without_token_ids_are_refused(prompt_ids: list[int] | None, token_ids: list[int] | None) -> None:
     traj = art.Trajectory(
         messages_and_choices=[{"role": "user", "content": "u"}, _choice(prompt_ids, token_ids)], reward=1.0
@@ -274,7 +281,9 @@ def test_a_group_with_spread_but_nothing_trainable_is_told_apart_from_one_withou
 def test_additional_histories_are_trained_too() -> None:
     def with_extra(reward: float) -> art.Trajectory:
         trajectory = _trajectory(reward, [([1, 2], [3, 4])])
-        extra = art.trajectories.LegacyHistory(messages_and_choices=[{"role": "user", "content": "u"}, _choice([9, 8], [7])])
+        extra = art.trajectories.LegacyHistory(
+            messages_and_choices=[{"role": "user", "content": "u"}, _choice([9, 8], [7])]
+        )
         trajectory.additional_histories = [extra]
         return trajectory
 
@@ -627,7 +636,9 @@ def test_sampling_after_a_training_step_uses_the_updated_adapter() -> None:
                     want = reference_logprobs(policy, TrainSequence(prompt, sample.token_ids, 1.0))
                     assert sample.logprobs == pytest.approx(want.tolist(), abs=1e-4)
         assert any(s.token_ids for s in samples)
-        sequences = [TrainSequence(p, s.token_ids, a) for p, s, a in zip(PROMPTS, samples, [1.0, -1.0, 0.5], strict=True)]
+        sequences = [
+            TrainSequence(p, s.token_ids, a) for p, s, a in zip(PROMPTS, samples, [1.0, -1.0, 0.5], strict=True)
+        ]
         policy.train_step([s for s in sequences if s.completion_ids], learning_rate=1e-2)
     for name, before in base_before.items():
         torch.testing.assert_close(_base_weights(policy)[name], before, atol=1e-6, rtol=0, msg=name)

@@ -11,13 +11,13 @@ import math
 
 import pytest
 import torch
+from test_grpo import lora_grads, randomize_lora_b, tiny_policy
 
 from codreamer.backends import factory
 from codreamer.backends.embedded.loss import LossConfig, policy_loss_sum
 from codreamer.backends.embedded.policy_training import trained_logprobs
 from codreamer.backends.embedded.sequences import TrainSequence
 from codreamer.backends.embedded.train_options import parse_train_options, supported_keywords
-from test_grpo import lora_grads, randomize_lora_b, tiny_policy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,12 +93,12 @@ def test_kl_against_the_base_is_zero_while_the_adapter_is_a_no_op_and_positive_a
 
 # ------------------------------------------------------------------------- train keywords
 def test_an_unknown_keyword_is_refused_by_name_with_the_supported_list() -> None:
-    with pytest.raises(ValueError, match="does not know train option\\(s\\) loss_fnn; supported: .*loss_fn"):
+    with pytest.raises(ValueError, match=r"does not know train option\(s\) loss_fnn; supported: .*loss_fn"):
         parse_train_options({"loss_fnn": "ppo"})
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    ("kwargs", "message"),
     [
         ({"loss_fn": "grpo"}, "loss_fn='grpo'"),
         ({"adam_params": {"beta1": 0.8}}, "adam_params only at ART's default"),
@@ -132,5 +132,7 @@ def test_what_pipeline_trainer_passes_is_accepted() -> None:
 
 def test_every_option_codreamer_can_pass_is_a_keyword_the_embedded_backend_takes() -> None:
     assert set(factory.ART_TRAIN_OPTIONS) <= set(supported_keywords())
-    options = parse_train_options({"normalize_advantages": False, "epsilon": 0.3, "loss_fn": "ppo", "packed_sequence_length": 512})
+    options = parse_train_options(
+        {"normalize_advantages": False, "epsilon": 0.3, "loss_fn": "ppo", "packed_sequence_length": 512}
+    )
     assert options.scale is False and options.loss().clip_range() == pytest.approx((0.7, 1.3))

@@ -20,9 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from codreamer.backends.embedded.batcher import SamplingBatcher
 from codreamer.backends.embedded.chat_format import to_chatml_messages
-from codreamer.backends.embedded.policy import Policy, Sample
+from codreamer.backends.embedded.policy import GRPOConfig, Policy, Sample
 from codreamer.backends.embedded.server import BadRequest, PolicyServer, parse_request
-from codreamer.backends.embedded.policy import GRPOConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,7 +124,9 @@ def policy() -> Policy:
 
 
 @asynccontextmanager
-async def serve(policy: Policy, window_s: float = 0.01, max_batch: int = 16) -> AsyncIterator[tuple[PolicyServer, openai.AsyncOpenAI]]:
+async def serve(
+    policy: Policy, window_s: float = 0.01, max_batch: int = 16
+) -> AsyncIterator[tuple[PolicyServer, openai.AsyncOpenAI]]:
     server = PolicyServer(
         SamplingBatcher(policy, max_batch=max_batch, window_s=window_s),
         TOKENIZER,  # type: ignore[arg-type]
@@ -156,7 +157,7 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize(
-    "body, field",
+    ("body", "field"),
     [
         ({}, "'messages'"),
         ({"messages": []}, "'messages'"),
@@ -294,7 +295,9 @@ async def test_bad_requests_get_400_with_the_message(policy: Policy) -> None:
             assert response.status_code == 400
             error = response.json()["error"]
             assert error["type"] == "invalid_request_error" and "'messages'" in error["message"]
-            response = await http.post("/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+            response = await http.post(
+                "/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+            )
             assert response.status_code == 400
         assert server.requests_served == 0
 
@@ -311,7 +314,9 @@ async def test_tool_calls_in_the_sampled_text_come_back_as_openai_tool_calls(
         return [Sample(scripted, [-0.5] * len(scripted), "stop") for _ in prompts]
 
     monkeypatch.setattr(policy, "sample", sample)
-    tools = [{"type": "function", "function": {"name": "send_email", "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {"type": "function", "function": {"name": "send_email", "parameters": {"type": "object", "properties": {}}}}
+    ]
     messages = messages_for("Go")
     async with serve(policy) as (_, client):
         with_tools = await client.chat.completions.create(model=MODEL, messages=messages, tools=tools)  # type: ignore[arg-type]
@@ -374,7 +379,9 @@ async def test_a_failed_batch_gives_500_and_the_server_keeps_serving(
 
 
 @pytest.mark.anyio
-async def test_batcher_keeps_requests_with_different_settings_apart(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_batcher_keeps_requests_with_different_settings_apart(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spy = SampleSpy(policy)
     monkeypatch.setattr(policy, "sample", spy)
     batcher = SamplingBatcher(policy, max_batch=4, window_s=0.2)
@@ -390,13 +397,18 @@ async def test_batcher_keeps_requests_with_different_settings_apart(policy: Poli
         await batcher.stop()
     assert [len(r) for r in results] == [1, 2, 1, 3]
     assert sorted(spy.batch_sizes) == [1, 3, 3]
-    assert len(results[2][0].token_ids) <= 4 and all(len(s.token_ids) <= 3 for r in (results[0], results[1], results[3]) for s in r)
+    assert len(results[2][0].token_ids) <= 4 and all(
+        len(s.token_ids) <= 3 for r in (results[0], results[1], results[3]) for s in r
+    )
 
 
 @pytest.mark.parametrize(
     "body",
     [
-        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"description": "d"}}]},
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"description": "d"}}],
+        },
         {"messages": [{"role": "user", "content": 5}]},
         {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "call_1"}]}]},
     ],
@@ -437,7 +449,9 @@ async def _until(condition: Any, timeout_s: float = 10.0) -> None:
 
 
 @pytest.mark.anyio
-async def test_a_request_whose_client_disconnected_is_not_generated_for(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_request_whose_client_disconnected_is_not_generated_for(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The server is busy; a client gives up (times out, closes its connection) while its request
     waits in the queue: the sampler never sees that prompt, the next request is served."""
     spy = BlockingSpy(policy)
@@ -466,7 +480,9 @@ async def test_a_request_whose_client_disconnected_is_not_generated_for(policy: 
 
 
 @pytest.mark.anyio
-async def test_the_batcher_skips_cancelled_callers_before_sampling(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_batcher_skips_cancelled_callers_before_sampling(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spy = BlockingSpy(policy)
     monkeypatch.setattr(policy, "sample", spy)
     batcher = SamplingBatcher(policy, max_batch=8, window_s=0.01)
@@ -495,7 +511,7 @@ def _forced_policy(policy: Policy, monkeypatch: pytest.MonkeyPatch, script: list
     position = {"n": 0}
 
     def scripted(logits, temperature, generators):  # type: ignore[no-untyped-def]
-        chosen, logprobs = real_choose(logits, temperature, generators)
+        chosen, _ = real_choose(logits, temperature, generators)
         token = script[position["n"]] if position["n"] < len(script) else IM_END
         position["n"] += 1
         chosen = torch.full_like(chosen, token)
@@ -509,10 +525,14 @@ def _ids(text: str) -> list[int]:
 
 
 @pytest.mark.anyio
-async def test_the_end_of_turn_token_is_returned_with_its_logprob(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_end_of_turn_token_is_returned_with_its_logprob(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _forced_policy(policy, monkeypatch, _ids("hi"))
     async with serve(policy) as (_, client):
-        completion = await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=8, logprobs=True)
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=messages_for("x"), max_tokens=8, logprobs=True
+        )
     [choice] = completion.choices
     extra = choice.model_extra or {}
     assert extra["token_ids"] == [*_ids("hi"), IM_END] and choice.finish_reason == "stop"
@@ -522,10 +542,14 @@ async def test_the_end_of_turn_token_is_returned_with_its_logprob(policy: Policy
 
 
 @pytest.mark.anyio
-async def test_stop_strings_end_the_completion_and_are_cut_from_the_text(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stop_strings_end_the_completion_and_are_cut_from_the_text(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _forced_policy(policy, monkeypatch, _ids("ab.cdef"))
     async with serve(policy) as (_, client):
-        completion = await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=8, stop=[".", "zz"])
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=messages_for("x"), max_tokens=8, stop=[".", "zz"]
+        )
     [choice] = completion.choices
     assert choice.message.content == "ab" and choice.finish_reason == "stop"
     assert (choice.model_extra or {})["token_ids"] == _ids("ab.")  # generation stopped at the stop string
@@ -542,7 +566,9 @@ async def test_top_logprobs_are_filled_and_sorted(policy: Policy) -> None:
     for entry in choice.logprobs.content:
         values = [alt.logprob for alt in entry.top_logprobs]
         assert len(values) == 3 and values == sorted(values, reverse=True)
-        assert entry.top_logprobs[0].token == entry.token and values[0] == pytest.approx(entry.logprob, abs=1e-5)  # greedy
+        assert entry.top_logprobs[0].token == entry.token and values[0] == pytest.approx(
+            entry.logprob, abs=1e-5
+        )  # greedy
 
 
 @pytest.mark.anyio
@@ -558,7 +584,10 @@ async def test_streaming_is_a_clear_400_and_an_unknown_model_a_404(policy: Polic
 
 @pytest.mark.anyio
 async def test_every_choice_carries_policy_token_spans_that_art_accepts(policy: Policy) -> None:
-    from art.preprocessing.policy_spans import validate_complete_policy_token_spans, validate_complete_prompt_policy_token_spans
+    from art.preprocessing.policy_spans import (
+        validate_complete_policy_token_spans,
+        validate_complete_prompt_policy_token_spans,
+    )
 
     policy.version = 3
     async with serve(policy) as (_, client):
@@ -581,7 +610,10 @@ async def test_prompt_logprobs_score_a_given_completion(policy: Policy) -> None:
     want = torch.log_softmax(logits[:-1], dim=-1).gather(-1, torch.tensor(prompt[1:]).unsqueeze(-1)).squeeze(-1)
     async with serve(policy) as (_, client):
         completion = await client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=1, extra_body={"prompt_logprobs": 2, "add_generation_prompt": False}
+            model=MODEL,
+            messages=messages,
+            max_tokens=1,
+            extra_body={"prompt_logprobs": 2, "add_generation_prompt": False},
         )
     scored = (completion.model_extra or {})["prompt_logprobs"]
     assert len(scored) == len(prompt) and scored[0] is None
@@ -613,11 +645,17 @@ async def test_older_steps_are_served_by_name_at_step(policy: Policy) -> None:
         raise LookupError(f"model {name!r} is not served here")
 
     batcher = SamplingBatcher(policy, adapter_loader=lambda step: old)
-    server = PolicyServer(batcher, TOKENIZER, API_KEY, MODEL, max_context_tokens=128, default_max_tokens=8, resolve=resolve)  # type: ignore[arg-type]
+    server = PolicyServer(
+        batcher, TOKENIZER, API_KEY, MODEL, max_context_tokens=128, default_max_tokens=8, resolve=resolve
+    )  # type: ignore[arg-type]
     client = openai.AsyncOpenAI(base_url=await server.start(), api_key=API_KEY, max_retries=0)
     try:
-        at_0 = await client.chat.completions.create(model=f"{MODEL}@0", messages=messages_for("x"), max_tokens=5, temperature=0)
-        latest = await client.chat.completions.create(model=MODEL, messages=messages_for("x"), max_tokens=5, temperature=0)
+        at_0 = await client.chat.completions.create(
+            model=f"{MODEL}@0", messages=messages_for("x"), max_tokens=5, temperature=0
+        )
+        latest = await client.chat.completions.create(
+            model=MODEL, messages=messages_for("x"), max_tokens=5, temperature=0
+        )
         with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(model=f"{MODEL}@7", messages=messages_for("x"))
     finally:

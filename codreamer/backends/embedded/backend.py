@@ -71,7 +71,9 @@ def check_identity(model: art.TrainableModel) -> None:
             raise ModelIdentityError(f"{folder} belongs to another model ({detail}); use another run_name or project")
         return
     if checkpoint_steps(model):
-        raise ModelIdentityError(f"{folder} has checkpoints but no {IDENTITY_FILE}: cannot tell whose they are; refusing to inherit them")
+        raise ModelIdentityError(
+            f"{folder} has checkpoints but no {IDENTITY_FILE}: cannot tell whose they are; refusing to inherit them"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ours, indent=2))
 
@@ -119,10 +121,16 @@ class EmbeddedBackend:
             self._step = await anyio.to_thread.run_sync(self._restore_latest, model)
         if self._server is None:
             batcher = SamplingBatcher(self._policy, max_batch=self.max_batch, adapter_loader=self._adapter_for_step)
-            self._server = PolicyServer(batcher, self._policy.tokenizer, self._api_key, model.name, resolve=self._resolve_model)
+            self._server = PolicyServer(
+                batcher, self._policy.tokenizer, self._api_key, model.name, resolve=self._resolve_model
+            )
             await self._server.start()
         # ART's client then requires and checks policy_token_spans on every choice, as with its LocalBackend
-        object.__setattr__(model, "_serving_capabilities", ServingCapabilities(runtime="openai_compatible", protocol_version=0, policy_token_spans=True))
+        object.__setattr__(
+            model,
+            "_serving_capabilities",
+            ServingCapabilities(runtime="openai_compatible", protocol_version=0, policy_token_spans=True),
+        )
         return self._server.base_url, self._api_key
 
     def _model_inference_name(self, model: art.Model, step: int | None = None) -> str:
@@ -208,16 +216,20 @@ class EmbeddedBackend:
         mean negative log-likelihood of the assistant turns (`sft.sft_sequence`); then the
         step advances once and a checkpoint is saved, as ART's LocalBackend does."""
         policy = self._require_policy()
-        end_of_turn = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        end_of_turn = int(policy.tokenizer.convert_tokens_to_ids("<|im_end|>"))  # type: ignore[arg-type]  # one token: one id
         sequences = [
-            sft_sequence(t.messages_and_choices, t.tools, policy.tokenizer, end_of_turn, assistant_turns=config.assistant_turns)
+            sft_sequence(
+                t.messages_and_choices, t.tools, policy.tokenizer, end_of_turn, assistant_turns=config.assistant_turns
+            )
             for t in trajectories
         ]
         if not sequences:
             raise ValueError("train_sft got no trajectories")
         size = config.batch_size if isinstance(config.batch_size, int) else DEFAULT_SFT_BATCH_SIZE
         batches = [sequences[i : i + size] for i in range(0, len(sequences), size)]
-        rates = config.learning_rate if isinstance(config.learning_rate, list) else [config.learning_rate] * len(batches)
+        rates = (
+            config.learning_rate if isinstance(config.learning_rate, list) else [config.learning_rate] * len(batches)
+        )
         if len(rates) < len(batches):
             raise ValueError(f"train_sft got {len(rates)} learning rates for {len(batches)} batches")
         trained_tokens = float(sum(s.trained_tokens for s in sequences))
@@ -257,7 +269,9 @@ class EmbeddedBackend:
         latest = steps[-1]
         policy = self._require_policy()
         if not policy.load(checkpoints_dir(model) / f"{latest:04d}"):
-            logger.warning("step {} was saved without optimizer state: resuming its weights with a fresh optimizer", latest)
+            logger.warning(
+                "step {} was saved without optimizer state: resuming its weights with a fresh optimizer", latest
+            )
         policy.version = latest
         logger.info("resumed the policy from step {}", latest)
         return latest
@@ -297,7 +311,9 @@ class EmbeddedBackend:
             return None
         match = STEP_NAME_RE.match(requested)
         if match is None or match["name"] != self._model.name:
-            raise LookupError(f"model {requested!r} is not served here; serving {self._model.name!r} and {self._model.name}@<step>")
+            raise LookupError(
+                f"model {requested!r} is not served here; serving {self._model.name!r} and {self._model.name}@<step>"
+            )
         self._check_servable(self._model, int(match["step"]))
         return int(match["step"])
 

@@ -13,6 +13,7 @@ the model does not generate for requests nobody waits for while their retries qu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,10 +75,8 @@ class SamplingBatcher:
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
 
     async def sample(
@@ -90,7 +89,9 @@ class SamplingBatcher:
         options: SampleOptions | None = None,
     ) -> list[Sample]:
         future: asyncio.Future[list[Sample]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(prompt_ids, n, max_new_tokens, temperature, seed, future, options or SampleOptions()))
+        await self._queue.put(
+            _Request(prompt_ids, n, max_new_tokens, temperature, seed, future, options or SampleOptions())
+        )
         try:
             return await future
         finally:
@@ -158,7 +159,7 @@ class SamplingBatcher:
                     adapter_loader=self.adapter_loader,
                 )
             )
-        except Exception as exc:  # the callers get the error; the worker keeps serving
+        except Exception as exc:  # noqa: BLE001 - any sampling error goes to the callers; the worker keeps serving
             logger.exception("sampling failed for a batch of {} prompts", len(prompts))
             for request in live:
                 if not request.future.done():

@@ -65,7 +65,9 @@ def _as_choice(item: Any) -> Any:
 
 
 def _normalised(trajectory: art.Trajectory) -> art.Trajectory:
-    if trajectory.exchanges or not any(isinstance(i, Mapping) and "finish_reason" in i for i in trajectory.messages_and_choices):
+    if trajectory.exchanges or not any(
+        isinstance(i, Mapping) and "finish_reason" in i for i in trajectory.messages_and_choices
+    ):
         return trajectory
     copy = trajectory.model_copy()
     object.__setattr__(copy, "messages_and_choices", [_as_choice(i) for i in trajectory.messages_and_choices])
@@ -105,7 +107,9 @@ def to_sequence(token_ids: list[int], mask: list[int], logprobs: list[float], ad
     return TrainSequence(list(token_ids[:start]), list(token_ids[start:end]), advantage, tuple(spans[:-1]), sampled)
 
 
-def _tokenize(tokenizer: Any, group: art.TrajectoryGroup, scale: bool, model_name: str | None, allow: bool = False) -> list[Any]:
+def _tokenize(
+    tokenizer: Any, group: art.TrajectoryGroup, scale: bool, model_name: str | None, allow: bool = False
+) -> list[Any]:
     """ART's tokenizer on one group. Captured exchanges are trained for the served model: its
     plain name or `name@step` (the glob `name*`); a trajectory must use one of them (ART's rule)."""
     from art.preprocessing.tokenize import tokenize_trajectory_groups
@@ -141,7 +145,11 @@ def trajectory_sequences(trajectory: art.Trajectory, advantage: float, tokenizer
     ]
     try:
         results = assemble_vllm_training_sequences(
-            tokenizer=tokenizer, histories=histories, advantage=advantage, allow_training_without_logprobs=False, trajectory=trajectory
+            tokenizer=tokenizer,
+            histories=histories,
+            advantage=advantage,
+            allow_training_without_logprobs=False,
+            trajectory=trajectory,
         )
     except RuntimeError as exc:
         if "prompt_token_ids" in str(exc):
@@ -172,7 +180,9 @@ def build_grpo_batch(
             continue
         made = []
         for result in _tokenize(tokenizer, group, normalize_advantages, model_name, allow_training_without_logprobs):
-            seq = to_sequence(result.token_ids, result.assistant_mask, result.logprobs, _balanced(result.advantage, advantage_balance))
+            seq = to_sequence(
+                result.token_ids, result.assistant_mask, result.logprobs, _balanced(result.advantage, advantage_balance)
+            )
             if seq is not None and max_length is not None and seq.length > max_length:
                 batch.sequences_too_long += 1
                 continue

@@ -12,10 +12,10 @@ the plain `DynamicCache`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
-
 
 #: One row's stored keys, values (`[layers, heads, tokens, dim]`, or None) and how many positions to use.
 CachedRow = tuple[torch.Tensor | None, torch.Tensor | None, int]
@@ -50,7 +50,7 @@ class PreallocatedLayer(DynamicLayer):
         self._values[:, :, self.length : end] = value_states
         self.length = end
         self._publish()
-        return self.keys, self.values
+        return self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
     def _grow(self, needed: int) -> None:
         """Past the reserved capacity (only if a caller under-estimated it): double the buffer."""
@@ -156,8 +156,9 @@ def close_gaps(cache: Cache, attention: torch.Tensor, room: int) -> torch.Tensor
 
 def row_keys_values(cache: Cache, row: int, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies of one batch row's keys/values at `columns`, `[layers, heads, len(columns), dim]`."""
-    keys = torch.stack([layer.keys[row][:, columns] for layer in cache.layers])
-    values = torch.stack([layer.values[row][:, columns] for layer in cache.layers])
+    layers: list[Any] = list(cache.layers)  # DynamicLayer-like: `keys`/`values` are [batch, heads, tokens, dim]
+    keys = torch.stack([layer.keys[row][:, columns] for layer in layers])
+    values = torch.stack([layer.values[row][:, columns] for layer in layers])
     return keys, values
 
 
@@ -169,7 +170,8 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     """
     if not rows:
         return 0
-    low, high = min(rows), max(rows)
+    ordered: list[Any] = list(rows)  # lists (or tuples), compared lexicographically
+    low, high = min(ordered), max(ordered)
     for index, token in enumerate(low):
         if high[index] != token:
             return index

@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
@@ -35,6 +36,7 @@ from codreamer.backends.embedded.kv_cache import (
     row_keys_values,
 )
 from codreamer.backends.embedded.loss import LossConfig
+from codreamer.backends.embedded.policy_training import micro_batch_loss, train_step
 from codreamer.backends.embedded.prefix_store import PrefixStore
 from codreamer.backends.embedded.sequences import (  # re-exported: callers import them from here
     MIN_SHARED_PREFIX,
@@ -74,7 +76,10 @@ class GRPOConfig(BaseModel):
     def from_settings(cls, settings: Settings) -> GRPOConfig:
         """LoRA alpha is twice the rank, the usual scale for a rank-r adapter."""
         return cls(
-            learning_rate=settings.learning_rate, lora_rank=settings.lora_rank, lora_alpha=2 * settings.lora_rank, seed=settings.seed
+            learning_rate=settings.learning_rate,
+            lora_rank=settings.lora_rank,
+            lora_alpha=2 * settings.lora_rank,
+            seed=settings.seed,
         )
 
 
@@ -141,7 +146,13 @@ class _Decoding:
 
     @classmethod
     def start(cls, rows: int) -> _Decoding:
-        return cls([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, list(range(rows)))
+        return cls(
+            [[] for _ in range(rows)],
+            [[] for _ in range(rows)],
+            [[] for _ in range(rows)],
+            [False] * rows,
+            list(range(rows)),
+        )
 
     def record(
         self,
@@ -197,8 +208,8 @@ class Policy:
         self.config = config
         self.stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self._trainable, lr=config.learning_rate, weight_decay=0.0)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=0.0)
         self._lock = threading.Lock()
         self._num_layers = int(base.config.num_hidden_layers)
         self._lora_merged = False
@@ -232,7 +243,9 @@ class Policy:
         """
         generators = _row_generators(seed, len(prompts))
         with self._lock, self._weights_of(version, adapter_loader) as served:
-            return self._sample_locked(prompts, max_new_tokens, temperature, generators, top_logprobs, stop_check, served)
+            return self._sample_locked(
+                prompts, max_new_tokens, temperature, generators, top_logprobs, stop_check, served
+            )
 
     @contextmanager
     def _weights_of(self, version: int | None, adapter_loader: Callable[[int], AdapterState] | None) -> Iterator[int]:
@@ -241,7 +254,9 @@ class Policy:
             yield self.version
             return
         if adapter_loader is None:
-            raise LookupError(f"step {version} is not the current step {self.version} and no older adapter can be loaded")
+            raise LookupError(
+                f"step {version} is not the current step {self.version} and no older adapter can be loaded"
+            )
         current = self._swap_adapter(adapter_loader(version))
         try:
             yield version
@@ -296,7 +311,9 @@ class Policy:
                 break
             if len(keep) < len(chosen):  # drop finished rows: later steps compute only live ones
                 kept = set(keep)
-                self._store_rows(prompts, rows, cache, attention, in_batch, [b for b in range(len(in_batch)) if b not in kept])
+                self._store_rows(
+                    prompts, rows, cache, attention, in_batch, [b for b in range(len(in_batch)) if b not in kept]
+                )
                 selected = torch.tensor(keep)
                 cache.batch_select_indices(selected)
                 attention, chosen, step_pos = attention[selected], chosen[selected], step_pos[selected]
@@ -335,12 +352,15 @@ class Policy:
             stored_cost = len(prompts) * max(len(p) - length for p, (length, _) in zip(prompts, matches, strict=True))
             if max(length for length, _ in matches) >= MIN_SHARED_PREFIX and stored_cost < shared_cost:
                 rows: list[CachedRow] = [
-                    (entry.keys, entry.values, length) if entry is not None else (None, None, 0) for length, entry in matches
+                    (entry.keys, entry.values, length) if entry is not None else (None, None, 0)
+                    for length, entry in matches
                 ]
                 return self._start_from_store(prompts, rows, max_new_tokens, stored_cost)
         cache = preallocated_cache(self._num_layers, longest + max_new_tokens)
         if shared:
-            self.model(input_ids=torch.tensor([prompts[0][:shared]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(
+                input_ids=torch.tensor([prompts[0][:shared]]), past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
             cache.batch_repeat_interleave(len(prompts))
         step_ids, suffix_mask = self._left_pad([p[shared:] for p in prompts])
         attention = torch.cat([torch.ones(len(prompts), shared, dtype=suffix_mask.dtype), suffix_mask], dim=-1)
@@ -416,6 +436,10 @@ class Policy:
         return ids, mask
 
     # ------------------------------------------------------------------------- LoRA merging
+    def _lora_model(self) -> Any:
+        """peft's LoraModel (typed loosely by peft)."""
+        return self.model.base_model
+
     def _merge_lora(self) -> None:
         """Fold the LoRA deltas into the base weights for sampling.
 
@@ -425,14 +449,14 @@ class Policy:
         (W + dW - dW), about 1e-7 relative per step.
         """
         if not self._lora_merged:
-            self.model.base_model.merge_adapter()
+            self._lora_model().merge_adapter()
             self._lora_merged = True
             self.prefix_store.clear()  # stored keys/values belong to the weights before
 
     def _unmerge_lora(self) -> None:
         """Training needs the adapters separate: the gradient is on A and B, not on W."""
         if self._lora_merged:
-            self.model.base_model.unmerge_adapter()
+            self._lora_model().unmerge_adapter()
             self._lora_merged = False
             self.prefix_store.clear()  # training is about to change the weights
 
@@ -446,8 +470,6 @@ class Policy:
     ) -> dict[str, float]:
         """One policy-gradient update (`policy_training.train_step`); `reference` ("base" or a
         LoRA state) gives the KL penalty's reference log-probs when `loss.kl_penalty_coef` > 0."""
-        from codreamer.backends.embedded.policy_training import train_step
-
         with self._lock:
             self._unmerge_lora()
             return train_step(self, sequences, learning_rate, loss or LossConfig(), reference)
@@ -455,10 +477,10 @@ class Policy:
     def micro_batches(self, sequences: list[TrainSequence]) -> list[list[TrainSequence]]:
         return micro_batches(sequences, self.config.micro_batch_tokens)
 
-    def policy_loss(self, sequences: list[TrainSequence], normalizer: int, loss: LossConfig | None = None) -> tuple[torch.Tensor, float]:
+    def policy_loss(
+        self, sequences: list[TrainSequence], normalizer: int, loss: LossConfig | None = None
+    ) -> tuple[torch.Tensor, float]:
         """The loss of one micro-batch divided by `normalizer`, and the (detached) sum of its token log-probs."""
-        from codreamer.backends.embedded.policy_training import micro_batch_loss
-
         self._unmerge_lora()
         value, logprob_sum, _ = micro_batch_loss(self, sequences, normalizer, loss or LossConfig(), None)
         return value, logprob_sum

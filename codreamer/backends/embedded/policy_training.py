@@ -7,7 +7,7 @@ LoRA weights unmerged. The loss itself (importance ratio, clipping, KL shaping) 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from peft import set_peft_model_state_dict
@@ -18,7 +18,35 @@ from codreamer.backends.embedded.loss import LossConfig, LossStats, policy_loss_
 from codreamer.backends.embedded.sequences import TrainSequence, tokens_of, trainable_shared_prefix
 
 if TYPE_CHECKING:
-    from codreamer.backends.embedded.policy import AdapterState, Policy
+    from collections.abc import Mapping
+
+    from peft import PeftModel
+
+    AdapterState = Mapping[str, torch.Tensor]
+
+
+class _Config(Protocol):
+    @property
+    def max_grad_norm(self) -> float: ...
+
+
+class Policy(Protocol):
+    """What the training step uses of `policy.Policy` (which imports this module, not the reverse)."""
+
+    @property
+    def model(self) -> PeftModel: ...
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    @property
+    def config(self) -> _Config: ...
+    @property
+    def pad_id(self) -> int: ...
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]: ...
+
+    def micro_batches(self, sequences: list[TrainSequence]) -> list[list[TrainSequence]]: ...
+
+    def lora_state(self) -> dict[str, torch.Tensor]: ...
 
 
 def train_step(
@@ -50,7 +78,7 @@ def train_step(
                 logprob_sum += logprobs
                 stats.add(micro_stats)
                 bar.update(sum(s.length for s in micro))
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy._trainable, policy.config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable, policy.config.max_grad_norm)
         policy.optimizer.step()
     finally:
         policy.model.eval()
@@ -58,7 +86,13 @@ def train_step(
 
 
 def _metrics(
-    sequences: list[TrainSequence], loss_sum: float, grad_norm: float, logprob_sum: float, stats: LossStats, lr: float, loss: LossConfig
+    sequences: list[TrainSequence],
+    loss_sum: float,
+    grad_norm: float,
+    logprob_sum: float,
+    stats: LossStats,
+    lr: float,
+    loss: LossConfig,
 ) -> dict[str, float]:
     metrics = {
         "loss": loss_sum,
@@ -95,7 +129,8 @@ def trained_logprobs(policy: Policy, sequences: list[TrainSequence]) -> tuple[to
     same as with every row computed in full. Log-probs are computed only at positions that
     predict trained tokens, so full-vocabulary logits never exist for the prompt.
     """
-    decoder = policy.model.base_model.model.model
+    causal_lm: Any = policy.model.base_model.model  # peft's LoraModel wraps the transformers model
+    decoder = causal_lm.model
     shared = trainable_shared_prefix(sequences)
     cache = None
     if shared:
@@ -109,7 +144,7 @@ def trained_logprobs(policy: Policy, sequences: list[TrainSequence]) -> tuple[to
         input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=bool(shared)
     ).last_hidden_state
     rows, cols = torch.nonzero(targets[:, 1:] >= 0, as_tuple=True)
-    logits = policy.model.base_model.model.lm_head(hidden[rows, cols]).float()
+    logits = causal_lm.lm_head(hidden[rows, cols]).float()
     token_ids = targets[rows, cols + 1]
     return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1), rows
 

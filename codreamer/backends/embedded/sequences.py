@@ -38,9 +38,7 @@ class TrainSequence:
 
     def __post_init__(self) -> None:
         if self.sampled_logprobs is not None and len(self.sampled_logprobs) != self.trained_tokens:
-            raise ValueError(
-                f"{len(self.sampled_logprobs)} sampled log-probs for {self.trained_tokens} trained tokens"
-            )
+            raise ValueError(f"{len(self.sampled_logprobs)} sampled log-probs for {self.trained_tokens} trained tokens")
 
     @property
     def length(self) -> int:

@@ -29,8 +29,8 @@ import hmac
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
@@ -218,7 +218,9 @@ class PolicyServer:
             return _error(400, f"malformed messages or tools: {type(exc).__name__}: {exc}")
         options = SampleOptions(parsed.top_logprobs, parsed.stop, version, self._stop_check(parsed.stop))
         try:
-            samples = await self.batcher.sample(prompt_ids, parsed.n, parsed.max_tokens, parsed.temperature, parsed.seed, options)
+            samples = await self.batcher.sample(
+                prompt_ids, parsed.n, parsed.max_tokens, parsed.temperature, parsed.seed, options
+            )
             scored = await self._prompt_logprobs(parsed, prompt_ids, version)
         except asyncio.CancelledError:  # the client disconnected or timed out: its batch entry is cancelled too
             self.requests_abandoned += 1
@@ -257,30 +259,42 @@ class PolicyServer:
 
         return produced_stop
 
-    async def _prompt_logprobs(self, parsed: SamplingRequest, prompt_ids: list[int], version: int | None) -> list[Any] | None:
+    async def _prompt_logprobs(
+        self, parsed: SamplingRequest, prompt_ids: list[int], version: int | None
+    ) -> list[Any] | None:
         if parsed.prompt_logprobs is None:
             return None
         policy = self.batcher.policy
         values = await anyio.to_thread.run_sync(
             functools.partial(
-                policy.prompt_logprobs, prompt_ids, parsed.prompt_logprobs, version=version, adapter_loader=self.batcher.adapter_loader
+                policy.prompt_logprobs,
+                prompt_ids,
+                parsed.prompt_logprobs,
+                version=version,
+                adapter_loader=self.batcher.adapter_loader,
             )
         )
-        return [None if v is None else self._prompt_entry(token, *v) for token, v in zip(prompt_ids, values, strict=True)]
+        return [
+            None if v is None else self._prompt_entry(token, *v) for token, v in zip(prompt_ids, values, strict=True)
+        ]
 
     def _prompt_entry(self, token: int, logprob: float, top: list[tuple[int, float]]) -> dict[str, Any]:
         """vLLM's prompt-logprob entry: the prompt token and the top ones, by id, with rank and text."""
         entry = {str(token): {"logprob": logprob, "rank": None, "decoded_token": self.tokenizer.decode([token])}}
         for rank, (other, value) in enumerate(top, start=1):
-            entry.setdefault(str(other), {"logprob": value, "rank": rank, "decoded_token": self.tokenizer.decode([other])})
+            entry.setdefault(
+                str(other), {"logprob": value, "rank": rank, "decoded_token": self.tokenizer.decode([other])}
+            )
             if other == token:
                 entry[str(token)]["rank"] = rank
         return entry
 
     def _render(self, parsed: SamplingRequest) -> list[int]:
         flat = to_chatml_messages(parsed.messages, parsed.tools)
-        ids = self.tokenizer.apply_chat_template(flat, add_generation_prompt=parsed.add_generation_prompt, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        rendered: Any = self.tokenizer.apply_chat_template(
+            flat, add_generation_prompt=parsed.add_generation_prompt, tokenize=True
+        )
+        ids = [int(t) for t in (rendered["input_ids"] if hasattr(rendered, "keys") else rendered)]
         if len(ids) + parsed.max_tokens > self.max_context_tokens:
             raise BadRequest(
                 f"prompt of {len(ids)} tokens + max_tokens {parsed.max_tokens} exceeds the context of "
@@ -306,7 +320,7 @@ class PolicyServer:
         }
 
     def _choice(self, index: int, parsed: SamplingRequest, prompt_ids: list[int], sample: Sample) -> dict[str, Any]:
-        text = _cut_at_stop(self.tokenizer.decode(sample.token_ids, skip_special_tokens=True), parsed.stop)
+        text = _cut_at_stop(str(self.tokenizer.decode(sample.token_ids, skip_special_tokens=True)), parsed.stop)
         completion = parse_completion(text, tools_offered=parsed.tools is not None)
         message: dict[str, Any] = {"role": "assistant", "content": completion.content}
         if completion.tool_calls:
@@ -322,13 +336,22 @@ class PolicyServer:
             **self._policy_spans(parsed, len(prompt_ids), len(sample.token_ids), sample.version),
         }
 
-    def _policy_spans(self, parsed: SamplingRequest, prompt_tokens: int, completion_tokens: int, version: int) -> dict[str, Any]:
+    def _policy_spans(
+        self, parsed: SamplingRequest, prompt_tokens: int, completion_tokens: int, version: int
+    ) -> dict[str, Any]:
         """ART's provenance: one span per choice, every token from the weights of step `version`
         (a batch never changes weights mid-way: training waits for the sampler's lock)."""
         slot = f"{self.model_name}@{version}"
 
         def span(start: int, end: int) -> dict[str, Any]:
-            return {"start_token": start, "end_token": end, "generation_id": slot, "policy_version": version, "lora_slot": slot, "update_seq": version}
+            return {
+                "start_token": start,
+                "end_token": end,
+                "generation_id": slot,
+                "policy_version": version,
+                "lora_slot": slot,
+                "update_seq": version,
+            }
 
         return {
             "prompt_policy_token_spans": [span(1, prompt_tokens)] if prompt_tokens > 1 else [],

@@ -86,7 +86,9 @@ def supported_keywords() -> list[str]:
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"train option {name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+        raise ValueError(
+            f"train option {name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}"
+        )
 
 
 def _check_values(options: TrainOptions) -> None:
@@ -97,7 +99,9 @@ def _check_values(options: TrainOptions) -> None:
         raise ValueError(f"train option kl_penalty_coef={options.kl_penalty_coef} must be >= 0")
     if not -1.0 <= options.advantage_balance <= 1.0:
         raise ValueError(f"train option advantage_balance={options.advantage_balance} must be in [-1, 1]")
-    if options.epsilon is not None and options.epsilon <= 0 or options.epsilon_high is not None and options.epsilon_high <= 0:
+    if (options.epsilon is not None and options.epsilon <= 0) or (
+        options.epsilon_high is not None and options.epsilon_high <= 0
+    ):
         raise ValueError("train options epsilon and epsilon_high must be > 0")
     if options.optimizer_save_interval < 1:
         raise ValueError(f"train option optimizer_save_interval={options.optimizer_save_interval} must be >= 1")
@@ -116,10 +120,14 @@ def parse_train_options(kwargs: dict[str, Any]) -> TrainOptions:
         )
     for name, default in DEFAULT_ONLY.items():
         if name in kwargs and kwargs[name] != default:
-            raise ValueError(f"the embedded backend supports train option {name} only at ART's default {default!r}, not {kwargs[name]!r}")
+            raise ValueError(
+                f"the embedded backend supports train option {name} only at ART's default {default!r}, not {kwargs[name]!r}"
+            )
     for name, why in NO_EFFECT.items():
         if kwargs.get(name) not in (None, False):
             logger.info("train option {} has no effect on the embedded backend: {}", name, why)
-    options = TrainOptions(**{k: v for k, v in kwargs.items() if k in known and v is not None or k == "learning_rate"})
+    options = TrainOptions(
+        **{k: v for k, v in kwargs.items() if (k in known and v is not None) or k == "learning_rate"}
+    )
     _check_values(options)
     return options
