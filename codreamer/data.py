@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from codreamer.domain import Product, Prospect, Scenario, Split
 from codreamer.errors import UserError
+from codreamer.storage import JsonlLineError, iter_jsonl
 
 PROSPECTS_FILE = "prospects.jsonl"
 SPLITS_FILE = "splits.json"
@@ -93,13 +94,13 @@ def _read_json(path: Path) -> Any:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) per non-blank line, lazily so the first bad line is reported.
-
-    Splits on "\\n" only: `str.splitlines` would also split at U+2028 inside a JSON string.
-    """
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        if line.strip():
-            yield number, _parse_json(line, path, number)
+    """(line number, parsed JSON) per non-blank line, lazily so the first bad line is reported
+    (`codreamer.storage.iter_jsonl`, strict: a data file with a bad line is a mistake to fix)."""
+    try:
+        yield from iter_jsonl(_read_text(path), path, strict=True)
+    except JsonlLineError as exc:
+        where = "" if exc.column is None else f" (column {exc.column})"
+        raise DataError(f"{_where(path, exc.line)}: invalid JSON: {exc.reason}{where}") from None
 
 
 def load_prospects(path: Path) -> dict[str, Prospect]:

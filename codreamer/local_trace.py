@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, overload
 
 from loguru import logger
 
@@ -43,9 +43,6 @@ _SCENARIO_ID = re.compile(r"scenario_id='([^']*)'")
 
 _trace_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("trace_path", default=None)
 _parent: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_parent", default=None)
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 @contextmanager
@@ -102,7 +99,9 @@ def _inputs(signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: 
         bound = signature.bind_partial(*args, **kwargs)
     except TypeError:
         return {}
-    return {name: _summarize_named(name, value) for name, value in bound.arguments.items() if name not in ("self", "cls")}
+    return {
+        name: _summarize_named(name, value) for name, value in bound.arguments.items() if name not in ("self", "cls")
+    }
 
 
 class _Span:
@@ -145,7 +144,7 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
         return None
 
 
-def _wrap(fn: Callable[P, Any], name: str) -> Callable[P, Any]:
+def _wrap[**P](fn: Callable[P, Any], name: str) -> Callable[P, Any]:
     signature = _signature(fn)
     if inspect.iscoroutinefunction(fn):
 
@@ -183,10 +182,10 @@ def _wrap(fn: Callable[P, Any], name: str) -> Callable[P, Any]:
 
 
 @overload
-def traced(fn: Callable[P, R], /) -> Callable[P, R]: ...
+def traced[**P, R](fn: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
-def traced(*, name: str | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
-def traced(fn: Callable[P, R] | None = None, /, *, name: str | None = None) -> Any:
+def traced[**P, R](*, name: str | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+def traced[**P, R](fn: Callable[P, R] | None = None, /, *, name: str | None = None) -> Any:
     """Record each call of `fn` (sync or async) as a span; a plain call outside `recording_to`.
 
     Use as `@traced` or `@traced(name="score.rubric")`; the span is named after the function
@@ -194,7 +193,7 @@ def traced(fn: Callable[P, R] | None = None, /, *, name: str | None = None) -> A
     """
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
-        return _wrap(func, name or func.__name__)  # type: ignore[return-value]
+        return _wrap(func, name or func.__name__)
 
     return decorate(fn) if fn is not None else decorate
 

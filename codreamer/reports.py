@@ -22,14 +22,14 @@ from typing import Any
 from loguru import logger
 
 from codreamer.checkpoints import best_checkpoint, heldout_scores
-from codreamer.pipeline.evaluation import TOTAL, EvalSummary, compare_evaluations, load_evaluations
 from codreamer.markdown import table as _table
+from codreamer.pipeline.evaluation import TOTAL, EvalSummary, compare_evaluations, load_evaluations
 from codreamer.pipeline.history import read_history
 from codreamer.redaction import is_secret_name
 from codreamer.runs import ITERATIONS_FILE, RUN_FILE
 from codreamer.storage import write_atomic
 
-__all__ = ["REPORT_FILE", "CURVE_FILE", "RunData", "load_run", "run_summary", "write_run_report"]
+__all__ = ["CURVE_FILE", "REPORT_FILE", "RunData", "load_run", "run_summary", "write_run_report"]
 
 REPORT_FILE = "report.md"
 #: Written by `codreamer.pipeline.warm_start` (read here as plain JSON: reports import no ART).
@@ -70,7 +70,7 @@ def load_run(run_dir: Path) -> RunData:
     except (OSError, ValueError) as exc:
         logger.warning("unreadable {} in {}: {}", RUN_FILE, directory, exc)
     records, skipped = read_history(directory / ITERATIONS_FILE)
-    records = sorted(records, key=lambda r: (_num(r.get("step")) or 0.0))
+    records = sorted(records, key=lambda r: _num(r.get("step")) or 0.0)
     return RunData(directory, meta, records, skipped, load_evaluations(directory), _read_warm_start(directory))
 
 
@@ -157,7 +157,10 @@ def _overview(data: RunData, summary: dict[str, Any]) -> list[str]:
         ("updated", summary["updated_at"] or "-"),
         ("iterations", span),
         ("best held-out reward", best),
-        ("best checkpoint on disk", "-" if summary["best_checkpoint"] is None else f"step {summary['best_checkpoint']}"),
+        (
+            "best checkpoint on disk",
+            "-" if summary["best_checkpoint"] is None else f"step {summary['best_checkpoint']}",
+        ),
     ]
     if data.skipped:
         rows.append(("unreadable history lines skipped", str(data.skipped)))
@@ -201,14 +204,16 @@ def _iterations_section(data: RunData) -> list[str]:
 
 def _eval_columns(data: RunData, r: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """Held-out mean, CI and delta vs base of a record: from the history, else the stored evaluation."""
-    mean, low, high, delta = (r.get(k) for k in ("eval/reward_mean", "eval/reward_ci_low", "eval/reward_ci_high", "eval/delta_base"))
+    mean, low, high, delta = (
+        r.get(k) for k in ("eval/reward_mean", "eval/reward_ci_low", "eval/reward_ci_high", "eval/delta_base")
+    )
     stored = next((e for e in data.evals if e.step == r.get("step")), None)
     if stored is not None and stored.reward is not None:
         if _num(mean) is None:
             mean, low, high = stored.reward.mean, stored.reward.ci_low, stored.reward.ci_high
         base = data.base.reward if data.base is not None else None
-        if _num(delta) is None and base is not None and _num(mean) is not None:
-            delta = mean - base.mean
+        if _num(delta) is None and base is not None and (known := _num(mean)) is not None:
+            delta = known - base.mean
     return mean, low, high, delta
 
 
@@ -227,10 +232,13 @@ def _eval_sections(data: RunData) -> list[str]:
     header = ("part", "latest [95% CI]") + (("base (step 0)", "Δ base") if base and base is not latest else ())
     rows = []
     for name, stats in latest.parts.items():
-        row = (f"`{name}`", _fmt(stats.mean) + _ci(stats.ci_low, stats.ci_high))
+        row: tuple[str, ...] = (f"`{name}`", _fmt(stats.mean) + _ci(stats.ci_low, stats.ci_high))
         if base and base is not latest:
             before = base.parts.get(name)
-            row += (_fmt(before.mean if before else None), _fmt(stats.mean - before.mean if before else None, signed=True))
+            row += (
+                _fmt(before.mean if before else None),
+                _fmt(stats.mean - before.mean if before else None, signed=True),
+            )
         rows.append(row)
     lines += [*_table(header, rows), ""]
     lines += _progress_section(data) + _prospect_section(latest, base) + _before_after_section(latest, base)
@@ -310,7 +318,8 @@ def _before_after_section(latest: EvalSummary, base: EvalSummary | None, count: 
             "",
             f"| | base model (step 0) | step {latest.step} |",
             "|---|---|---|",
-            f"| reward | {_fmt(b['reward'])}{flag[bool(b['auto_finalized'])]} | {_fmt(a['reward'])}{flag[bool(a['auto_finalized'])]} |",
+            f"| reward | {_fmt(b['reward'])}{flag[bool(b['auto_finalized'])]} "
+            f"| {_fmt(a['reward'])}{flag[bool(a['auto_finalized'])]} |",
             f"| subject | {_cell(str(b['subject']), 200)} | {_cell(str(a['subject']), 200)} |",
             f"| body | {_cell(str(b['body']))} | {_cell(str(a['body']))} |",
             "",
@@ -326,7 +335,9 @@ def _prospect_section(latest: EvalSummary, base: EvalSummary | None) -> list[str
         if before is not None and result.mean_reward is not None and before.mean_reward is not None:
             delta = result.mean_reward - before.mean_reward
         samples = ", ".join(_fmt(r, 2) for r in result.rewards)
-        rows.append((pid, str(result.n), str(result.exceptions), _fmt(result.mean_reward), _fmt(delta, signed=True), samples))
+        rows.append(
+            (pid, str(result.n), str(result.exceptions), _fmt(result.mean_reward), _fmt(delta, signed=True), samples)
+        )
     header = ("prospect", "n", "failed", "mean reward", "Δ base", "sample rewards")
     return [f"### Per prospect (step {latest.step})", "", *_table(header, rows), ""]
 
@@ -378,9 +389,13 @@ def render_markdown(data: RunData) -> str:
 
 # ------------------------------------------------------------------------------ chart
 def _parts_to_plot(data: RunData) -> list[str]:
-    names = {k.removeprefix("train/") for r in data.records for k in r if k.startswith(("train/rubric/", "train/reward/"))}
+    names = {
+        k.removeprefix("train/") for r in data.records for k in r if k.startswith(("train/rubric/", "train/reward/"))
+    }
     names |= {name for e in data.evals for name in e.parts}
-    names |= {k.removeprefix("eval/") for r in data.records for k in r if k.startswith(("eval/rubric/", "eval/reward/"))}
+    names |= {
+        k.removeprefix("eval/") for r in data.records for k in r if k.startswith(("eval/rubric/", "eval/reward/"))
+    }
     names = {n for n in names if not n.endswith(("_ci_low", "_ci_high"))} - _NOT_PLOTTED - {TOTAL}
     return [TOTAL, *sorted(names)]
 
@@ -401,7 +416,9 @@ def _eval_series(data: RunData, part: str) -> list[tuple[float, float, float, fl
     """(step, mean, ci_low, ci_high) from stored evaluations, else from the history records."""
     points: dict[float, tuple[float, float, float, float]] = {}
     key = "eval/reward_mean" if part == TOTAL else f"eval/{part}"
-    low_key, high_key = ("eval/reward_ci_low", "eval/reward_ci_high") if part == TOTAL else (f"{key}_ci_low", f"{key}_ci_high")
+    low_key, high_key = (
+        ("eval/reward_ci_low", "eval/reward_ci_high") if part == TOTAL else (f"{key}_ci_low", f"{key}_ci_high")
+    )
     for r in data.records:
         mean, step = _num(r.get(key)), _num(r.get("step"))
         if mean is not None and step is not None:
@@ -430,11 +447,13 @@ def _plot_panel(ax: Any, data: RunData, part: str) -> bool:
         drew = True
     points = _eval_series(data, part)
     if points:
-        steps, emeans, lows, highs = (list(v) for v in zip(*points))
+        steps, emeans, lows, highs = (list(v) for v in zip(*points, strict=True))
         ax.plot(steps, emeans, marker="s", color="tab:orange", label="held-out (mean)")
         ax.fill_between(steps, lows, highs, color="tab:orange", alpha=0.25, label="held-out 95% CI")
         if len(steps) == 1:
-            ax.errorbar(steps, emeans, yerr=[[emeans[0] - lows[0]], [highs[0] - emeans[0]]], color="tab:orange", capsize=4)
+            ax.errorbar(
+                steps, emeans, yerr=[[emeans[0] - lows[0]], [highs[0] - emeans[0]]], color="tab:orange", capsize=4
+            )
         drew = True
     ax.set_title("total reward" if part == TOTAL else part, fontsize="medium")
     ax.set_xlabel("policy step")
@@ -454,10 +473,10 @@ def plot_reward_curve(data: RunData, path: Path) -> Path:
     fig = Figure(figsize=(5.0 * ncols, 3.4 * nrows), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, part in zip(axes, parts):
+    for ax, part in zip(axes, parts, strict=False):  # more axes than parts: the rest are hidden
         if not _plot_panel(ax, data, part):
             ax.text(0.5, 0.5, "nothing recorded yet", ha="center", va="center", transform=ax.transAxes)
-    for ax in axes[len(parts):]:
+    for ax in axes[len(parts) :]:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:

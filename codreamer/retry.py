@@ -56,7 +56,11 @@ class RetryPolicy(BaseModel):
     @classmethod
     def from_settings(cls, settings: Settings, attempts: int | None = None) -> RetryPolicy:
         """The settings' backoff; `attempts` defaults to the model-call attempts."""
-        return cls(attempts=attempts or settings.inference_attempts, initial_s=settings.retry_initial_s, max_s=settings.retry_max_s)
+        return cls(
+            attempts=attempts or settings.inference_attempts,
+            initial_s=settings.retry_initial_s,
+            max_s=settings.retry_max_s,
+        )
 
 
 def transient_status(status: int) -> bool:
@@ -145,7 +149,11 @@ def retrying(policy: RetryPolicy, what: str, *, secrets: Sequence[SecretStr | st
             counter.add(what)
         logger.warning(
             "{} failed ({}), attempt {}/{}; retrying in {:.1f}s",
-            what, _describe(exc, secrets), state.attempt_number, policy.attempts, wait,
+            what,
+            _describe(exc, secrets),
+            state.attempt_number,
+            policy.attempts,
+            wait,
         )
 
     return AsyncRetrying(

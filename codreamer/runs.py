@@ -92,7 +92,10 @@ def read_run_file(directory: Path) -> dict[str, Any]:
         return {}
     data = read_json_file(path, "the run's settings file", "restore it, or start a new run with another --run-id")
     if not isinstance(data, dict):
-        raise RunFileError(f"{path}: the run's settings file holds {type(data).__name__}, not an object; restore it, or start a new run with another --run-id")
+        raise RunFileError(
+            f"{path}: the run's settings file holds {type(data).__name__}, not an object; "
+            "restore it, or start a new run with another --run-id"
+        )
     return data
 
 

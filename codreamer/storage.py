@@ -31,7 +31,7 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -234,7 +234,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     """Replace `path` by what `write(temporary_path)` writes (see the module docstring); returns `path`.
 
     `write` receives the path of an empty temporary file in the target's folder (mode 0600).

@@ -118,7 +118,12 @@ def trajectory(
         "email_subject": subject,
         "email_body": body,
     }
-    items = [SYSTEM, user(prospect_id), finalize_choice(subject, body), {"role": "tool", "tool_call_id": "call_1", "content": "{}"}]
+    items = [
+        SYSTEM,
+        user(prospect_id),
+        finalize_choice(subject, body),
+        {"role": "tool", "tool_call_id": "call_1", "content": "{}"},
+    ]
     return art.Trajectory(messages_and_choices=items, reward=reward, metrics=metrics, metadata=metadata)
 
 
@@ -130,7 +135,9 @@ def group(
     judge_error: str | None = None,
 ) -> art.TrajectoryGroup:
     g = art.TrajectoryGroup(
-        trajectories, exceptions=list(exceptions), metadata={"scenario_id": scenario_id, "prospect_id": prospect_id, "step": 0}
+        trajectories,
+        exceptions=list(exceptions),
+        metadata={"scenario_id": scenario_id, "prospect_id": prospect_id, "step": 0},
     )
     if judge_error is not None:
         for t in g.trajectories:
@@ -155,7 +162,11 @@ def iteration_groups(run: str, it: int, *, b_fails: bool = True) -> list[art.Tra
         return [a, group("s-b", "p002", [trajectory(f"{run}-{it}-b0", "s-b", "p002", reward=0.9)])]
     b_exc: list[Any] = []
     if it == 2:
-        b_exc.append(PydanticException(type="<class 'openai.RateLimitError'>", message="Error code: 429 - slow down", traceback=""))
+        b_exc.append(
+            PydanticException(
+                type="<class 'openai.RateLimitError'>", message="Error code: 429 - slow down", traceback=""
+            )
+        )
     if it == 3:
         b_exc.append(ConnectionRefusedError(111, "Connection refused"))
     b = group(
@@ -181,7 +192,7 @@ def make_run(root: Path, run_id: str, day: int, *, b_fails: bool = True, iterati
     for it in range(1, iterations + 1):
         groups = iteration_groups(run_id, it, b_fails=b_fails)
         collector.collect_groups(groups, iteration=it, step=it)
-        for t in (t for g in groups for t in g.trajectories):
+        for _ in (t for g in groups for t in g.trajectories):
             ledger.record("policy", 0.05, 100, 20)
         record = {
             "run_id": run_id,
@@ -211,7 +222,12 @@ def table(directory: Path) -> list[dict[str, Any]]:
         ("RuntimeError", "HTTP 429 Too Many Requests", "rollout", C.RATE_LIMIT),
         ("<class 'ConnectionRefusedError'>", "[Errno 111] Connect call failed", "rollout", C.CONNECTION),
         ("openai.APIConnectionError", "Connection error.", "rollout", C.CONNECTION),
-        ("<class 'json.decoder.JSONDecodeError'>", "Expecting value: line 1 column 1 (char 0)", "rollout", C.SCHEMA_PARSE),
+        (
+            "<class 'json.decoder.JSONDecodeError'>",
+            "Expecting value: line 1 column 1 (char 0)",
+            "rollout",
+            C.SCHEMA_PARSE,
+        ),
         ("pydantic_core._pydantic_core.ValidationError", "1 validation error for Email", "rollout", C.SCHEMA_PARSE),
         ("RuntimeError", "loss is nan in the training step", "train", C.TRAINING_ERROR),
         ("RuntimeError", "boom", "train", C.TRAINING_ERROR),
@@ -291,7 +307,10 @@ def test_failure_has_full_text_hashes_state_and_reward_parts(tmp_path: Path) -> 
     assert failure.output_hash == sha256_text(failure.output)
     roles = [m.get("role") for m in failure.input]
     assert roles == ["system", "user", "assistant", "tool"]
-    assert json.loads(failure.input[2]["tool_calls"][0]["function"]["arguments"])["subject"] == "Leipzig and invoice audits"
+    assert (
+        json.loads(failure.input[2]["tool_calls"][0]["function"]["arguments"])["subject"]
+        == "Leipzig and invoice audits"
+    )
     assert failure.agent_state["turns"] == 2 and failure.agent_state["company_lookups"] == 1
     assert failure.reward_parts["rubric/personalization"] == 0.1 and "reward/total" in failure.reward_parts
     assert failure.reward == pytest.approx(0.3)
@@ -323,8 +342,8 @@ def test_version_files_hold_every_failed_version_per_scenario(tmp_path: Path) ->
 
 def test_exception_input_is_the_scenario_prompt_when_scenarios_are_given(tmp_path: Path) -> None:
     from codreamer.agent.prompts import initial_messages
-    from codreamer.data import load_task_data
     from codreamer.config import REPO_DATA_DIR
+    from codreamer.data import load_task_data
 
     task = load_task_data(REPO_DATA_DIR)
     scenario = task.train[0]
@@ -334,7 +353,13 @@ def test_exception_input_is_the_scenario_prompt_when_scenarios_are_given(tmp_pat
         messages_and_choices=[*prompt, finalize_choice("Hi", "short")],
         reward=0.1,
         metrics={f"rubric/{k}": v for k, v in GOOD_PARTS.items()},
-        metadata={"trajectory_id": "t1", "scenario_id": scenario.scenario_id, "prospect_id": pid, "email_subject": "Hi", "email_body": "short"},
+        metadata={
+            "trajectory_id": "t1",
+            "scenario_id": scenario.scenario_id,
+            "prospect_id": pid,
+            "email_subject": "Hi",
+            "email_body": "short",
+        },
     )
     g = group(scenario.scenario_id, pid, [t], [RuntimeError("boom")])
     collector = FailureCollector(tmp_path, "run-x", product=task.product)
@@ -370,7 +395,10 @@ def test_add_failure_add_exception_and_training_errors(tmp_path: Path) -> None:
     assert train.category == C.TRAINING_ERROR and train.source == "exception"
     assert train.version_path(tmp_path).parent.name == "_train"
     # the same error again is the same failure; a separate attempt key keeps retries apart
-    assert collector.add_exception(MemoryError("out of memory"), iteration=1, step=1, stage="train").failure_id == train.failure_id
+    assert (
+        collector.add_exception(MemoryError("out of memory"), iteration=1, step=1, stage="train").failure_id
+        == train.failure_id
+    )
     collector.add_exception(MemoryError("out of memory"), iteration=1, step=1, stage="train", key="train:attempt2")
     assert len(table(tmp_path)) == 3
 
@@ -383,12 +411,18 @@ def test_collect_no_replies_after_the_outcome_window(tmp_path: Path) -> None:
     sent = datetime(2026, 1, 1, tzinfo=UTC)
     now = datetime.now(UTC)
     outcomes = {
-        "t1": OutcomeSummary(trajectory_id="t1", opened=True, replied=True, event_count=2, first_timestamp=now, last_timestamp=now),
+        "t1": OutcomeSummary(
+            trajectory_id="t1", opened=True, replied=True, event_count=2, first_timestamp=now, last_timestamp=now
+        ),
         "t2": OutcomeSummary(trajectory_id="t2", opened=True, event_count=1, first_timestamp=now, last_timestamp=now),
     }
-    early = collector.collect_no_replies([g], outcomes, iteration=1, step=1, sent_at=sent, window_s=3600, now=sent + timedelta(minutes=5))
+    early = collector.collect_no_replies(
+        [g], outcomes, iteration=1, step=1, sent_at=sent, window_s=3600, now=sent + timedelta(minutes=5)
+    )
     assert early == []
-    added = collector.collect_no_replies([g], outcomes, iteration=1, step=1, sent_at=sent, window_s=3600, now=sent + timedelta(hours=2))
+    added = collector.collect_no_replies(
+        [g], outcomes, iteration=1, step=1, sent_at=sent, window_s=3600, now=sent + timedelta(hours=2)
+    )
     assert sorted(f.trajectory_id for f in added) == ["t2", "t3"]
     assert all(f.category == C.NO_REPLY and f.source == "outcome" and f.output.startswith("Subject:") for f in added)
     assert added[0].error_message == "no reply within 3600s"
@@ -488,7 +522,9 @@ def test_chart_png_written(runs_root: Path, tmp_path: Path) -> None:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cmd_analyze_writes_report_and_chart_and_exit_codes(runs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cmd_analyze_writes_report_and_chart_and_exit_codes(
+    runs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cmd_analyze(runs_root, "run-a", None, None) == 0
     out = capsys.readouterr().out
     assert "failure analysis of run run-a" in out
@@ -515,8 +551,15 @@ def test_cmd_analyze_writes_report_and_chart_and_exit_codes(runs_root: Path, tmp
 
 
 def judge_config(base_url: str, **overrides: Any) -> AnalyzerJudgeConfig:
-    fields: dict[str, Any] = dict(model="judge", base_url=base_url, api_key=SECRET, timeout_s=5.0, attempts=2,
-                                  backoff_initial_s=0.0, backoff_max_s=0.0)  # fmt: skip
+    fields: dict[str, Any] = {
+        "model": "judge",
+        "base_url": base_url,
+        "api_key": SECRET,
+        "timeout_s": 5.0,
+        "attempts": 2,
+        "backoff_initial_s": 0.0,
+        "backoff_max_s": 0.0,
+    }
     return AnalyzerJudgeConfig(**(fields | overrides))
 
 
@@ -547,7 +590,10 @@ async def test_judge_good_answer_adds_findings_and_counts_usage(runs_root: Path)
     assert finding.category == C.MISSING_PERSONALIZATION and finding.confidence == 0.8
     assert "missing_personalization" in request["messages"][1]["content"]
     markdown = generate_improvement_report(report)
-    assert "| missing_personalization | the policy skips lookup_company | reward a lookup before finalize_email | 0.80 |" in markdown
+    assert (
+        "| missing_personalization | the policy skips lookup_company | reward a lookup before finalize_email | 0.80 |"
+        in markdown
+    )
     assert NO_JUDGE_LINE not in markdown
     totals = ledger.totals()  # the caller's ledger got the explanation's usage
     assert totals["llm/analyzer/calls"] == 1 and totals["llm/analyzer/errors"] == 0
@@ -615,7 +661,7 @@ def test_parse_judge_answer_is_strict() -> None:
     assert parse_judge_answer(GOOD_ANSWER).findings[0].confidence == 0.8
     for bad in ("", "[]", '{"findings": [{"category": "too_long", "root_cause": "x", "suggestion": "y", "confidence": 2}]}',
                 '{"findings": [], "extra": 1}'):  # fmt: skip
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"answer|empty"):
             parse_judge_answer(bad)
 
 
@@ -678,8 +724,17 @@ async def test_real_stages_with_injected_crash_and_judge_error(tmp_path: Path) -
     ]
     ledger = UsageLedger()
     async with LoopbackOpenAI(script) as server:
-        model = art.Model(name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t")
-        plan = RolloutPlan(task.product, RolloutConfig(max_turns=1, max_tokens=16, request_timeout_s=10, inference_attempts=1, retry_initial_s=0), 2, 1, 1, 0)
+        model = art.Model(
+            name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t"
+        )
+        plan = RolloutPlan(
+            task.product,
+            RolloutConfig(max_turns=1, max_tokens=16, request_timeout_s=10, inference_attempts=1, retry_initial_s=0),
+            2,
+            1,
+            1,
+            0,
+        )
         judge = JudgeConfig(model="openai/judge", base_url=server.base_url, api_key=SECRET, timeout_s=5, attempts=1)
         scorer = RewardScorer(task.product, RewardMixConfig(), judge=judge)
         with using_ledger(ledger):
@@ -697,7 +752,9 @@ async def test_real_stages_with_injected_crash_and_judge_error(tmp_path: Path) -
     assert by_source["exception"].agent_state["exception_type"] == "openai.RateLimitError"
     assert by_source["exception"].input_hash == by_source["output"].input_hash
     assert by_source["output"].output == f"Subject: {final['subject']}\n\n{final['body']}"
-    assert by_source["judge"].category == C.JUDGE_ERROR and "AuthenticationError" in (by_source["judge"].error_message or "")
+    assert by_source["judge"].category == C.JUDGE_ERROR and "AuthenticationError" in (
+        by_source["judge"].error_message or ""
+    )
     assert SECRET not in (tmp_path / FAILURES_FILE).read_text()
 
     totals = ledger.totals()
@@ -719,7 +776,9 @@ async def test_a_rollout_that_crashes_mid_episode_keeps_its_conversation_so_far(
     scenario = task.train[0]
     script = [[Call("lookup_company", {})], HTTPError(400, "context too long", retryable=False)]
     async with LoopbackOpenAI(script) as server:
-        model = art.Model(name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t")
+        model = art.Model(
+            name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t"
+        )
         config = RolloutConfig(max_turns=3, request_timeout_s=10, inference_attempts=1, inference_client="direct")
         groups = await generate_trajectories(model, [scenario], RolloutPlan(task.product, config, 1, 1, 1, 0), step=0)
     assert len(groups[0].exceptions) == 1
@@ -731,4 +790,6 @@ async def test_a_rollout_that_crashes_mid_episode_keeps_its_conversation_so_far(
     assistant, tool = crash.input[prompt_length:]
     assert assistant["role"] == "assistant" and assistant["tool_calls"][0]["function"]["name"] == "lookup_company"
     assert tool["role"] == "tool" and scenario.prospect.company.name in tool["content"]
-    assert crash.input_hash == sha256_text(json.dumps(crash.input[:prompt_length], sort_keys=True, separators=(",", ":")))
+    assert crash.input_hash == sha256_text(
+        json.dumps(crash.input[:prompt_length], sort_keys=True, separators=(",", ":"))
+    )

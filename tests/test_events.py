@@ -30,8 +30,8 @@ import codreamer.events.parse as event_parse
 from codreamer.events import EventLog, OnlineOutcome
 from codreamer.events.cli_commands import cmd_ingest, cmd_serve_events
 from codreamer.events.ingest import IngestError, ingest_file
-from codreamer.events.parse import CANONICAL_LINE
 from codreamer.events.models import to_epoch_us
+from codreamer.events.parse import CANONICAL_LINE
 from codreamer.events.webhook import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -80,12 +80,16 @@ def captured_logs() -> Iterator[list[str]]:
 def test_naive_timestamps_are_utc_and_extra_fields_are_refused() -> None:
     naive = OnlineOutcome(event_id="e", trajectory_id="t", prospect_id="p", step=0, timestamp=datetime(2025, 1, 1, 9))
     assert naive.timestamp == datetime(2025, 1, 1, 9, tzinfo=UTC)
-    shifted = OnlineOutcome(event_id="e", trajectory_id="t", prospect_id="p", step=0, timestamp="2025-01-01T11:00:00+02:00")
+    shifted = OnlineOutcome(
+        event_id="e", trajectory_id="t", prospect_id="p", step=0, timestamp="2025-01-01T11:00:00+02:00"
+    )
     assert shifted.timestamp == naive.timestamp
     with pytest.raises(ValueError, match="event_id"):
         OnlineOutcome(event_id="", trajectory_id="t", prospect_id="p", step=0, timestamp=T0)
     with pytest.raises(ValueError, match="clicked"):
-        OnlineOutcome.model_validate({"event_id": "e", "trajectory_id": "t", "prospect_id": "p", "step": 0, "timestamp": T0, "clicked": True})
+        OnlineOutcome.model_validate(
+            {"event_id": "e", "trajectory_id": "t", "prospect_id": "p", "step": 0, "timestamp": T0, "clicked": True}
+        )
 
 
 # --- writing and reading ---------------------------------------------------------------------
@@ -117,7 +121,9 @@ def test_what_append_writes_takes_the_fast_path() -> None:
     shapes = [
         outcome(1),
         outcome(2, opened=True, replied=True, bounced=True, unsubscribed=True, meeting_booked=True),
-        OnlineOutcome(event_id="x", trajectory_id="", prospect_id="", step=10**17, timestamp=T0 + timedelta(microseconds=5)),
+        OnlineOutcome(
+            event_id="x", trajectory_id="", prospect_id="", step=10**17, timestamp=T0 + timedelta(microseconds=5)
+        ),
     ]
     for event in shapes:
         assert re.fullmatch(CANONICAL_LINE.removeprefix("^").removesuffix("$"), event.model_dump_json() + "\n"), event
@@ -127,8 +133,10 @@ def test_fast_and_general_paths_agree(log_path: Path) -> None:
     """Equivalent lines in non-canonical shapes (spaces, key order, escapes, unicode, offsets)
     give the same events; lines pydantic refuses are refused whatever their shape."""
     good = [
-        b'{"event_id":"k1","trajectory_id":"t","prospect_id":"p","step":1,"timestamp":"2025-01-01T00:00:00Z","opened":true,"replied":false,"bounced":false,"unsubscribed":false,"meeting_booked":false,"source":"s"}',
-        b'{"event_id": "k2", "trajectory_id": "t", "prospect_id": "p", "step": 1, "timestamp": "2025-01-01T02:00:00+02:00", "replied": true}',
+        b'{"event_id":"k1","trajectory_id":"t","prospect_id":"p","step":1,"timestamp":"2025-01-01T00:00:00Z",'
+        b'"opened":true,"replied":false,"bounced":false,"unsubscribed":false,"meeting_booked":false,"source":"s"}',
+        b'{"event_id": "k2", "trajectory_id": "t", "prospect_id": "p", "step": 1, '
+        b'"timestamp": "2025-01-01T02:00:00+02:00", "replied": true}',
         b'{"trajectory_id":"t","event_id":"k3","prospect_id":"p","step":1,"timestamp":"2024-12-31T23:00:00"}',
         b'{"event_id":"k\\u00e94","trajectory_id":"t","prospect_id":"p","step":1,"timestamp":"2025-01-01T00:00:00.5Z"}',
         '{"event_id":"k5-é","trajectory_id":"t","prospect_id":"p","step":1,"timestamp":"2025-01-01T00:00:00Z"}'.encode(),
@@ -142,7 +150,11 @@ def test_fast_and_general_paths_agree(log_path: Path) -> None:
         b'{"event_id":"x5","trajectory_id":"t","prospect_id":"p","step":1,"timestamp":"2025-01-01T00:00:00Z","opened":null}',
         b'{"event_id":"x6","trajectory_id":7,"prospect_id":"p","step":1,"timestamp":"2025-01-01T00:00:00Z"}',
     ]
-    garbage = [b'x","trajectory_id":"a","prospect_id":"', b'","prospect_id":"b","trajectory_id":"', b'{"event_id":"\xff\xfe"}']
+    garbage = [
+        b'x","trajectory_id":"a","prospect_id":"',
+        b'","prospect_id":"b","trajectory_id":"',
+        b'{"event_id":"\xff\xfe"}',
+    ]
     log_path.parent.mkdir(parents=True)
     log_path.write_bytes(b"\n".join(good + bad + garbage) + b"\n")
     log = EventLog(log_path)
@@ -196,7 +208,11 @@ def test_fuzzed_lines_read_exactly_as_pydantic_reads_them() -> None:
     parsed = event_parse.parse_chunk(data, len(data), 1, 0)
     assert parsed.events.rows() == expected
     assert parsed.blank + sum(parsed.malformed.values()) == skipped
-    canonical = sum(re.fullmatch(CANONICAL_LINE.removeprefix("^").removesuffix("$"), line.decode(errors="replace") + "\n") is not None for line in lines)
+    canonical = sum(
+        re.fullmatch(CANONICAL_LINE.removeprefix("^").removesuffix("$"), line.decode(errors="replace") + "\n")
+        is not None
+        for line in lines
+    )
     assert 500 < canonical < len(expected) < len(lines)  # each path accepted some lines, and refused some
 
 
@@ -422,7 +438,9 @@ def test_eight_processes_appending_at_once(log_path: Path) -> None:
     stats = log.refresh()
     assert (stats.events, stats.duplicates, stats.malformed_total, stats.blank) == (1600, 0, 0, 0)
     lines = [line for line in raw_lines(log_path) if line]
-    assert len(lines) == 1600 and Counter(json.loads(line)["event_id"] for line in lines) == Counter(e.event_id for e in events)
+    assert len(lines) == 1600 and Counter(json.loads(line)["event_id"] for line in lines) == Counter(
+        e.event_id for e in events
+    )
 
 
 _KILLED_WRITER = """
@@ -448,7 +466,9 @@ def test_a_writer_killed_mid_append_loses_no_acknowledged_event(log_path: Path, 
     acks = tmp_path / "acks.txt"
     acks.touch()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(log_path), str(acks)], env=env, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(log_path), str(acks)], env=env, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     while acks.stat().st_size < 20_000 and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -462,7 +482,11 @@ def test_a_writer_killed_mid_append_loses_no_acknowledged_event(log_path: Path, 
     stats = log.refresh()
     acknowledged = [line for line in acks.read_text().split("\n") if line]
     assert acknowledged and all(event_id in log for event_id in acknowledged)
-    in_file = Counter(json.loads(line)["event_id"] for line in raw_lines(log_path) if line.startswith(b'{"event_id"') and line.endswith(b"}"))
+    in_file = Counter(
+        json.loads(line)["event_id"]
+        for line in raw_lines(log_path)
+        if line.startswith(b'{"event_id"') and line.endswith(b"}")
+    )
     assert all(in_file[event_id] == 1 for event_id in acknowledged)
     assert stats.duplicates == 0 and stats.malformed_total <= 1  # at most the one torn line
     assert "ev-1" in log
@@ -581,7 +605,9 @@ def test_ingest_counts_pathological_jsonl_lines_and_keeps_every_valid_row(
     errors: list[str] = []
     report = ingest_file(source, EventLog.open(log_path), on_error=errors.append)
     assert (report.rows, report.valid, report.appended, report.invalid) == (7, 2, 2, 5)
-    assert errors == report.errors and [e.split(": ", 1)[0] for e in errors] == [f"{source}:{n}" for n in (2, 3, 4, 5, 6)]
+    assert errors == report.errors and [e.split(": ", 1)[0] for e in errors] == [
+        f"{source}:{n}" for n in (2, 3, 4, 5, 6)
+    ]
     assert "nested too deeply" in errors[0] and "longer than 10000 bytes" in errors[1]
     assert "nested too deeply" in errors[2] and "not UTF-8" in errors[4]
     summary = EventLog.open(log_path).summary("deep")
@@ -608,11 +634,17 @@ def test_ingest_a_csv_with_a_stray_quote_reports_that_line_and_keeps_the_rows_af
     assert sorted(json.loads(line)["event_id"] for line in log_path.read_text().splitlines()) == ["e1", "e3", "e5"]
 
 
-def test_ingest_reports_every_bad_line_and_streams_the_file(log_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ingest_reports_every_bad_line_and_streams_the_file(
+    log_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import tracemalloc
 
     source = tmp_path / "mostly-bad.jsonl"
-    bad = '{"event_id": "x", "trajectory_id": "t", "prospect_id": "p", "step": -1, "timestamp": "2025-01-01T00:00:00Z", "pad": "' + "z" * 150 + '"}\n'
+    bad = (
+        '{"event_id": "x", "trajectory_id": "t", "prospect_id": "p", "step": -1, "timestamp": "2025-01-01T00:00:00Z", "pad": "'
+        + "z" * 150
+        + '"}\n'
+    )
     with source.open("w") as handle:
         handle.write(_good_row(1) + "\n")
         for _ in range(30_000):
@@ -628,15 +660,26 @@ def test_ingest_reports_every_bad_line_and_streams_the_file(log_path: Path, tmp_
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert (report.valid, report.invalid, len(seen), len(report.errors)) == (2, 30_000, 30_000, ingest_module.MAX_ERRORS)
+    assert (report.valid, report.invalid, len(seen), len(report.errors)) == (
+        2,
+        30_000,
+        30_000,
+        ingest_module.MAX_ERRORS,
+    )
     assert peak < size / 4, f"peak {peak} bytes for a {size}-byte file: not streamed"
 
     assert cmd_ingest(log_path, source) == 0
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 30_000 and err[0].startswith(f"ingest: {source}:2: ") and err[-1].startswith(f"ingest: {source}:30001: ")
+    assert (
+        len(err) == 30_000
+        and err[0].startswith(f"ingest: {source}:2: ")
+        and err[-1].startswith(f"ingest: {source}:30001: ")
+    )
 
 
-def test_an_interrupted_ingest_keeps_the_rows_read_before(log_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_ingest_keeps_the_rows_read_before(
+    log_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = tmp_path / "export.jsonl"
     source.write_text("".join(_good_row(n) + "\n" for n in range(5)))
     real = ingest_module._outcome
@@ -680,7 +723,9 @@ def signed(body: bytes, at: int = NOW) -> dict[str, str]:
 
 def test_webhook_accepts_signed_outcomes_once(log_path: Path, captured_logs: list[str]) -> None:
     log = EventLog(log_path)
-    body = json.dumps([outcome(1, "a", opened=True).model_dump(mode="json"), outcome(2, "a").model_dump(mode="json")]).encode()
+    body = json.dumps(
+        [outcome(1, "a", opened=True).model_dump(mode="json"), outcome(2, "a").model_dump(mode="json")]
+    ).encode()
     assert post(log, body, signed(body)) == (200, {"accepted": 2, "duplicates": 0})
     assert post(log, body, signed(body)) == (200, {"accepted": 0, "duplicates": 2})
     single = outcome(3, "a", replied=True).model_dump_json().encode()
@@ -714,12 +759,20 @@ def test_webhook_refuses_bad_requests(log_path: Path, captured_logs: list[str]) 
     not_json = b"{nope"
     status, reply = post(log, not_json, signed(not_json))
     assert status == 400 and "not JSON" in reply["error"]
-    invalid = json.dumps([outcome(1).model_dump(mode="json"), {**outcome(2).model_dump(mode="json"), "step": -1}]).encode()
+    invalid = json.dumps(
+        [outcome(1).model_dump(mode="json"), {**outcome(2).model_dump(mode="json"), "step": -1}]
+    ).encode()
     status, reply = post(log, invalid, signed(invalid))
     assert status == 400 and reply["details"] == ["item 1: field step: Input should be greater than or equal to 0"]
     scalar = b"42"
     assert post(log, scalar, signed(scalar))[0] == 400
-    for hostile in (b"[" * 5000 + b"]" * 5000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b"1" * 5000, b"\xff\xfe{}", b"[{}, 1, null]"):
+    for hostile in (
+        b"[" * 5000 + b"]" * 5000,
+        b'{"a":' * 5000 + b"1" + b"}" * 5000,
+        b"1" * 5000,
+        b"\xff\xfe{}",
+        b"[{}, 1, null]",
+    ):
         status, reply = post(log, hostile, signed(hostile))
         assert status == 400, (hostile[:20], status, reply)
 
@@ -738,7 +791,10 @@ def test_a_replay_outside_the_window_is_refused(log_path: Path) -> None:
     assert status == 401 and "300 s" in reply["error"] and not log_path.exists()
     assert post(log, body, signed(body, at=NOW + 400))[0] == 401  # a clock far ahead
     assert post(log, body, signed(body, at=NOW - 299)) == (200, {"accepted": 1, "duplicates": 0})
-    assert post(log, body, signed(body, at=NOW - 299)) == (200, {"accepted": 0, "duplicates": 1})  # in the window: counted once
+    assert post(log, body, signed(body, at=NOW - 299)) == (
+        200,
+        {"accepted": 0, "duplicates": 1},
+    )  # in the window: counted once
 
 
 def test_the_webhook_needs_a_secret_of_32_bytes(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -769,7 +825,9 @@ def test_serve_events_on_a_real_loopback_port(log_path: Path) -> None:
                 for _ in range(100):
                     try:
                         headers = signed_headers(body, SECRET)  # the time now: a real server, a real clock
-                        async with session.post(f"http://127.0.0.1:{port}/events", data=body, headers=headers) as response:
+                        async with session.post(
+                            f"http://127.0.0.1:{port}/events", data=body, headers=headers
+                        ) as response:
                             return response.status
                     except aiohttp.ClientConnectorError:
                         await asyncio.sleep(0.05)

@@ -110,7 +110,7 @@ def test_a_torn_last_line_is_skipped_and_later_spans_stay_readable(tmp_path: Pat
 def test_format_tree_shows_one_iteration_with_timings_and_groups_repeated_leaves(tmp_path: Path) -> None:
     with recording_to(tmp_path):
         asyncio.run(stage(0, ["s1"]))
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="judge said no"):
             asyncio.run(broken(1))
     spans = read_trace(tmp_path)
     tree = format_tree(spans, lambda root: root["inputs"].get("iteration") == 0)
@@ -120,7 +120,6 @@ def test_format_tree_shows_one_iteration_with_timings_and_groups_repeated_leaves
     assert [line.split()[0] for line in lines[2:]] == ["llm_call", "llm_call", "score_one"]
     assert "broken" not in tree
     assert "!! ValueError: judge said no" in format_tree(spans, lambda root: root["name"] == "broken")
-
 
 
 def _span(span_id: str, parent: str | None, name: str, start_s: float, duration_s: float, ok: bool = True) -> dict:
@@ -162,6 +161,8 @@ def test_credential_names_are_secret(name: str) -> None:
     assert is_secret_name(name)
 
 
-@pytest.mark.parametrize("name", ["max_tokens", "prompt_tokens", "completion_tokens", "token_ids", "keep_last", "monkey"])
+@pytest.mark.parametrize(
+    "name", ["max_tokens", "prompt_tokens", "completion_tokens", "token_ids", "keep_last", "monkey"]
+)
 def test_ordinary_names_are_not_secret(name: str) -> None:
     assert not is_secret_name(name)

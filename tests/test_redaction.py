@@ -14,7 +14,8 @@ import pytest
 from loguru import logger
 from pydantic import SecretStr
 
-from codreamer.analysis.judge import AnalyzerJudgeConfig, _redact as analysis_judge_redact
+from codreamer.analysis.judge import AnalyzerJudgeConfig
+from codreamer.analysis.judge import _redact as analysis_judge_redact
 from codreamer.config import Settings
 from codreamer.local_trace import TRACE_FILE, recording_to, traced
 from codreamer.redaction import MASK, is_secret_name, redact
@@ -55,7 +56,9 @@ def test_retry_warnings_never_carry_the_key() -> None:
 
     async def flaky() -> str:
         nonlocal calls
-        async for attempt in retrying(RetryPolicy(attempts=2, initial_s=0, max_s=0), "judge", secrets=(SecretStr(KEY),)):
+        async for attempt in retrying(
+            RetryPolicy(attempts=2, initial_s=0, max_s=0), "judge", secrets=(SecretStr(KEY),)
+        ):
             with attempt:
                 calls += 1
                 if calls == 1:
@@ -111,7 +114,8 @@ def test_credential_names(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["max_tokens", "prompt_tokens", "completion_tokens", "token_ids", "tokenizer", "keep_last", "monkey", "keys"]
+    "name",
+    ["max_tokens", "prompt_tokens", "completion_tokens", "token_ids", "tokenizer", "keep_last", "monkey", "keys"],
 )
 def test_ordinary_names(name: str) -> None:
     assert not is_secret_name(name)

@@ -19,18 +19,45 @@ SECRET = "sk-test-do-not-print"
 
 def write_run_json(directory: Path, status: str = "finished") -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    settings = {"group_size": 4, "learning_rate": 5e-5, "max_tokens": 48, "judge_api_key": SECRET, "events_secret": SECRET}
-    meta = {"run_id": directory.name, "kind": "learn-loop", "status": status, "created_at": "2026-01-01T00:00:00+00:00",
-            "updated_at": "2026-01-01T01:00:00+00:00", "settings": settings}
+    settings = {
+        "group_size": 4,
+        "learning_rate": 5e-5,
+        "max_tokens": 48,
+        "judge_api_key": SECRET,
+        "events_secret": SECRET,
+    }
+    meta = {
+        "run_id": directory.name,
+        "kind": "learn-loop",
+        "status": status,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "updated_at": "2026-01-01T01:00:00+00:00",
+        "settings": settings,
+    }
     (directory / "run.json").write_text(json.dumps(meta))
 
 
 def record(step: int, train: float, evaluation: float | None = None, **extra: float) -> dict:
-    data = {"run_id": "r", "iteration": step, "step": step, "train/reward_mean": train, "train/reward_std": 0.1,
-            "train/rubric/length": train + 0.1, "train/reward/rubric": train, "train/exceptions": 0.0,
-            "time/generate_s": 40.0 + step, "time/train_s": 6.0, "peak_rss_mb": 4000.0 + step, **extra}
+    data = {
+        "run_id": "r",
+        "iteration": step,
+        "step": step,
+        "train/reward_mean": train,
+        "train/reward_std": 0.1,
+        "train/rubric/length": train + 0.1,
+        "train/reward/rubric": train,
+        "train/exceptions": 0.0,
+        "time/generate_s": 40.0 + step,
+        "time/train_s": 6.0,
+        "peak_rss_mb": 4000.0 + step,
+        **extra,
+    }
     if evaluation is not None:
-        data |= {"eval/reward_mean": evaluation, "eval/reward_ci_low": evaluation - 0.05, "eval/reward_ci_high": evaluation + 0.05}
+        data |= {
+            "eval/reward_mean": evaluation,
+            "eval/reward_ci_low": evaluation - 0.05,
+            "eval/reward_ci_high": evaluation + 0.05,
+        }
     return data
 
 
@@ -38,10 +65,21 @@ def summary(step: int, mean: float, rewards: list[float]) -> EvalSummary:
     def stats(m: float) -> PartStats:
         return PartStats(n=len(rewards), mean=m, std=0.05, min=m - 0.1, max=m + 0.1, ci_low=m - 0.04, ci_high=m + 0.04)
 
-    prospect = ProspectResult(prospect_id="p001", scenario_id="s1", n=len(rewards), mean_reward=mean,
-                              parts={"rubric/length": mean}, rewards=rewards, seeds=list(range(len(rewards))))
-    return EvalSummary(step=step, n=len(rewards), parts={"reward": stats(mean), "rubric/length": stats(mean + 0.1)},
-                       prospects={"p001": prospect})
+    prospect = ProspectResult(
+        prospect_id="p001",
+        scenario_id="s1",
+        n=len(rewards),
+        mean_reward=mean,
+        parts={"rubric/length": mean},
+        rewards=rewards,
+        seeds=list(range(len(rewards))),
+    )
+    return EvalSummary(
+        step=step,
+        n=len(rewards),
+        parts={"reward": stats(mean), "rubric/length": stats(mean + 0.1)},
+        prospects={"p001": prospect},
+    )
 
 
 def assert_png(path: Path) -> None:
@@ -78,7 +116,9 @@ def test_full_report(full_run: Path) -> None:
     assert "| best checkpoint on disk | step 2 |" in text
     assert "| 2 | 2 | 0.350 ± 0.100 | 0.550 [0.500, 0.600] | +0.150 |" in text  # per-iteration row: CI, Δ base
     assert "| `rubric/length` | 0.580 [0.540, 0.620] | 0.500 | +0.080 |" in text  # latest vs base per part
-    assert "| 2 | RL | 0.550 [0.510, 0.590] | +0.130 | +0.150 | [+0.150, +0.150] | no | - | - | - |" in text  # paired delta
+    assert (
+        "| 2 | RL | 0.550 [0.510, 0.590] | +0.130 | +0.150 | [+0.150, +0.150] | no | - | - | - |" in text
+    )  # paired delta
     assert "| 1 | RL | 0.420 [0.380, 0.460] | +0.020 | +0.020 | [+0.020, +0.020] | yes |" in text
     assert "| p001 | 2 | 0 | 0.480 | +0.080 | 0.38, 0.58 |" in text
     assert "| generate | 42.0 | 126.0 |" in text and "Peak RSS: 4003 MB." in text
@@ -163,8 +203,20 @@ def test_report_labels_the_warm_start_shows_behaviour_and_emails_before_and_afte
     (directory / "warm_start.json").write_text(json.dumps({"step": 1, "demos": 4, "losses": [1.2, 0.4]}))
     append_record(directory / "iterations.jsonl", record(2, 0.6, 0.7, **{"train/behaviour/self_finalized": 0.75}))
     emails = {
-        0: {"seed": 0, "subject": "You are | Maya", "body": "You are Maya.\nCall tools", "reward": 0.0, "auto_finalized": True},
-        2: {"seed": 0, "subject": "Idea for Acme", "body": "Hi Dana,\n\nA note.\n\nBest,\nMaya", "reward": 0.9, "auto_finalized": False},
+        0: {
+            "seed": 0,
+            "subject": "You are | Maya",
+            "body": "You are Maya.\nCall tools",
+            "reward": 0.0,
+            "auto_finalized": True,
+        },
+        2: {
+            "seed": 0,
+            "subject": "Idea for Acme",
+            "body": "Hi Dana,\n\nA note.\n\nBest,\nMaya",
+            "reward": 0.9,
+            "auto_finalized": False,
+        },
     }
     for step, mean in ((0, 0.0), (1, 0.5), (2, 0.7)):
         evaluation = summary(step, mean, [mean, mean])

@@ -74,15 +74,15 @@ def judge_json(scores: list[float], ids: list[str] | None = None) -> str:
 
 
 def make_judge(server: LoopbackOpenAI, **overrides: object) -> JudgeConfig:
-    fields: dict[str, object] = dict(
-        model="openai/judge",
-        base_url=server.base_url,
-        api_key=SECRET,
-        timeout_s=5.0,
-        attempts=3,
-        backoff_initial_s=0.01,
-        backoff_max_s=0.05,
-    )
+    fields: dict[str, object] = {
+        "model": "openai/judge",
+        "base_url": server.base_url,
+        "api_key": SECRET,
+        "timeout_s": 5.0,
+        "attempts": 3,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.05,
+    }
     fields.update(overrides)
     return JudgeConfig(**fields)
 
@@ -308,9 +308,9 @@ def test_config_budget_and_secret() -> None:
     assert judge.total_budget_s() >= 10 * 3 + 5.0
     assert SECRET not in repr(judge) and SECRET not in judge.model_dump_json()
     assert judge.litellm_params()["num_retries"] == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attempts"):
         JudgeConfig(model="openai/x", attempts=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="frozen"):
         judge.timeout_s = 1  # frozen
 
 

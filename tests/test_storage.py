@@ -64,7 +64,9 @@ def test_concurrent_appends_from_processes_lose_no_line_and_interleave_no_bytes(
     assert skipped == 0 and len(records) == workers * count * 2
     for first, second in zip(records[::2], records[1::2], strict=True):  # each batch is contiguous
         assert (first["worker"], first["i"], first["half"]) == (second["worker"], second["i"], 0)
-        assert second["half"] == 1 and first["pad"] == str(first["worker"]) * (70_000 + 997 * first["worker"] + first["i"])
+        assert second["half"] == 1 and first["pad"] == str(first["worker"]) * (
+            70_000 + 997 * first["worker"] + first["i"]
+        )
     for worker in range(workers):
         assert [r["i"] for r in records[::2] if r["worker"] == worker] == list(range(count))
 
@@ -118,7 +120,7 @@ def test_split_on_newline_only_and_crlf_and_deep_nesting(tmp_path: Path) -> None
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'{"s": "a\xe2\x80\xa8b"}\r\n' + b"[" * 100_000 + b"\n")  # a raw U+2028 inside a string
     assert read_jsonl(path) == ([{"s": "a\u2028b"}], 1)
-    with pytest.raises(JsonlLineError, match="x.jsonl:2: invalid JSON: nested too deeply"):
+    with pytest.raises(JsonlLineError, match=r"x\.jsonl:2: invalid JSON: nested too deeply"):
         read_jsonl(path, strict=True)
 
 
@@ -137,7 +139,7 @@ def test_hostile_paths_for_reads_and_appends(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError):
         append_jsonl(tmp_path / "a-folder.jsonl", [{"n": 1}])
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OSError):  # a file where a parent folder should be
+    with pytest.raises(FileExistsError):  # a file where a parent folder should be
         append_jsonl(tmp_path / "file" / "log.jsonl", [{"n": 1}])
 
 
@@ -179,7 +181,9 @@ def test_a_write_that_fails_midway_leaves_the_old_file_intact(tmp_path: Path) ->
     assert path.read_bytes() == b"old report" and _listing(tmp_path) == ["report.md"]
 
 
-def test_an_interrupted_rename_leaves_the_old_file_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_rename_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "index.json"
     write_bytes_atomic(path, b"old")
 

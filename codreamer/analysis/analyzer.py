@@ -54,7 +54,9 @@ def _history(run_dir: Path) -> list[dict[str, Any]]:
 class FailureAnalyzer:
     """Reads failures of the runs under `runs_root` (= `runs/<project>/models`)."""
 
-    def __init__(self, runs_root: Path, judge: AnalyzerJudgeConfig | None = None, *, prices: LLMPrices | None = None) -> None:
+    def __init__(
+        self, runs_root: Path, judge: AnalyzerJudgeConfig | None = None, *, prices: LLMPrices | None = None
+    ) -> None:
         self.runs_root = Path(runs_root)
         self.judge = judge
         self.prices = prices

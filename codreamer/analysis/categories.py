@@ -214,9 +214,15 @@ class OutputThresholds(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    personalization: float = Field(default=0.3, ge=0, le=1, description="rubric/personalization below: missing_personalization.")
-    call_to_action: float = Field(default=0.3, ge=0, le=1, description="rubric/call_to_action below: no_call_to_action.")
-    no_hallucination: float = Field(default=0.75, ge=0, le=1, description="rubric/no_hallucination below: hallucinated_fact.")
+    personalization: float = Field(
+        default=0.3, ge=0, le=1, description="rubric/personalization below: missing_personalization."
+    )
+    call_to_action: float = Field(
+        default=0.3, ge=0, le=1, description="rubric/call_to_action below: no_call_to_action."
+    )
+    no_hallucination: float = Field(
+        default=0.75, ge=0, le=1, description="rubric/no_hallucination below: hallucinated_fact."
+    )
     length: float = Field(default=0.5, ge=0, le=1, description="rubric/length below: too_long or too_short.")
     too_long_words: int = Field(default=150, ge=1, description="Body words above which a bad length is too_long.")
     no_spam: float = Field(default=0.8, ge=0, le=1, description="rubric/no_spam below: spammy.")

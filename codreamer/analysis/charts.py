@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from codreamer.analysis.report import CrossRunReport, RunFailureReport
 from codreamer.analysis.categories import PRIORITY, FailureCategory
+from codreamer.analysis.report import CrossRunReport, RunFailureReport
 
 __all__ = ["category_color", "plot_categories_over_iterations"]
 
@@ -43,7 +43,12 @@ def plot_categories_over_iterations(report: RunFailureReport | CrossRunReport, p
         heights = [counts.get(category, 0) for counts in series]
         ax.bar(positions, heights, bottom=bottoms, label=category.value, color=category_color(category), width=0.7)
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    ax.set_xticks(positions, labels, rotation=0 if isinstance(report, RunFailureReport) else 30, ha="center" if isinstance(report, RunFailureReport) else "right")
+    ax.set_xticks(
+        positions,
+        labels,
+        rotation=0 if isinstance(report, RunFailureReport) else 30,
+        ha="center" if isinstance(report, RunFailureReport) else "right",
+    )
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("failures")

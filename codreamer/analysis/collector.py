@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import art
 from loguru import logger
 
+from codreamer.analysis import fields
 from codreamer.analysis.categories import (
     FailureCategory,
     OutputThresholds,
@@ -42,7 +43,6 @@ from codreamer.analysis.failures import (
     load_failures,
     sha256_text,
 )
-from codreamer.analysis import fields
 from codreamer.analysis.fields import messages_as_json
 
 if TYPE_CHECKING:
@@ -427,7 +427,7 @@ class FailureCollector:
             seen_keys[key] = n + 1
             return key if n == 0 else f"{key}#{n}"
 
-        common: dict[str, Any] = dict(iteration=iteration, step=step, split=split)
+        common: dict[str, Any] = {"iteration": iteration, "step": step, "split": split}
         for group_index, group in enumerate(groups):
             gmeta = group.metadata or {}
             scenario = by_id.get(str(gmeta.get("scenario_id")))

@@ -110,5 +110,9 @@ def exception_fields(exc: Any) -> tuple[str, str, str]:
     if isinstance(exc, Mapping):
         raw = (str(exc.get("type", "Exception")), str(exc.get("message", "")), str(exc.get("traceback", "")))
     else:
-        raw = (str(getattr(exc, "type", "Exception")), str(getattr(exc, "message", "")), str(getattr(exc, "traceback", "")))
+        raw = (
+            str(getattr(exc, "type", "Exception")),
+            str(getattr(exc, "message", "")),
+            str(getattr(exc, "traceback", "")),
+        )
     return exception_type_name(raw[0]) or "Exception", raw[1], raw[2]

@@ -13,7 +13,9 @@ import json
 import re
 from typing import Any
 
+import openai
 from loguru import logger
+from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from codreamer.analysis.categories import FailureCategory
@@ -78,8 +80,13 @@ def _judge_summary(report: RunFailureReport | CrossRunReport) -> dict[str, Any]:
             "counts_by_category": {str(c): n for c, n in report.counts_by_category.items()},
             "by_iteration": {str(i): {str(c): n for c, n in cs.items()} for i, cs in report.by_iteration.items()},
             "top_prospects": [p.model_dump(mode="json") for p in report.top_prospects[:5]],
-            "stuck": [{"prospect_id": s.prospect_id, "category": str(s.category), "iterations": s.iterations} for s in report.stuck[:5]],
-            "agent_behaviour": {str(c): s.model_dump(mode="json", exclude_none=True) for c, s in report.category_stats.items()},
+            "stuck": [
+                {"prospect_id": s.prospect_id, "category": str(s.category), "iterations": s.iterations}
+                for s in report.stuck[:5]
+            ],
+            "agent_behaviour": {
+                str(c): s.model_dump(mode="json", exclude_none=True) for c, s in report.category_stats.items()
+            },
             "examples": {str(c): [e.excerpt for e in es[:2]] for c, es in report.examples.items()},
         }
     return {
@@ -120,8 +127,6 @@ def _redact(text: str, config: AnalyzerJudgeConfig) -> str:
 
 
 async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | CrossRunReport) -> JudgeAnalysis:
-    import openai  # heavy: only when a judge is asked
-
     policy = RetryPolicy(attempts=config.attempts, initial_s=config.backoff_initial_s, max_s=config.backoff_max_s)
     client = openai.AsyncOpenAI(
         base_url=config.base_url,
@@ -129,11 +134,13 @@ async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | Cro
         timeout=config.timeout_s,
         max_retries=0,  # retries are ours (codreamer.retry), so they are classified, logged and counted
     )
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": _SYSTEM_PROMPT},
         {
             "role": "user",
-            "content": "Categories: " + ", ".join(c.value for c in FailureCategory) + "\n\nFailure summary:\n"
+            "content": "Categories: "
+            + ", ".join(c.value for c in FailureCategory)
+            + "\n\nFailure summary:\n"
             + json.dumps(_judge_summary(report), indent=1, default=str),
         },
     ]

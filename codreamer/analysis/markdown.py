@@ -83,7 +83,12 @@ def _usage_section(usage: Mapping[str, float]) -> list[str]:
 
 
 def _run_markdown(report: RunFailureReport) -> str:
-    lines = [f"# Failure report: run `{report.run_id}`", "", f"Generated {report.generated_at:%Y-%m-%d %H:%M:%S} UTC.", ""]
+    lines = [
+        f"# Failure report: run `{report.run_id}`",
+        "",
+        f"Generated {report.generated_at:%Y-%m-%d %H:%M:%S} UTC.",
+        "",
+    ]
     lines += ["## Summary", ""]
     lines.append(f"- failures recorded: **{report.total_failures}**")
     if report.by_source:
@@ -106,7 +111,10 @@ def _run_markdown(report: RunFailureReport) -> str:
     total = report.total_failures or 1
     lines += table(
         ["category", "failures", "share", "failures with it (any)"],
-        [(c.value, n, f"{n / total:.0%}", report.any_category_counts.get(c, n)) for c, n in report.counts_by_category.items()],
+        [
+            (c.value, n, f"{n / total:.0%}", report.any_category_counts.get(c, n))
+            for c, n in report.counts_by_category.items()
+        ],
     )
     lines.append("")
 
@@ -123,13 +131,21 @@ def _run_markdown(report: RunFailureReport) -> str:
     if report.top_prospects:
         lines += table(
             ["prospect", "failures", "top category", "iterations"],
-            [(p.prospect_id, p.failures, p.top_category.value, ", ".join(map(str, p.iterations))) for p in report.top_prospects],
+            [
+                (p.prospect_id, p.failures, p.top_category.value, ", ".join(map(str, p.iterations)))
+                for p in report.top_prospects
+            ],
         )
     else:
         lines.append("None.")
     lines.append("")
 
-    lines += ["## Stuck-at patterns", "", f"Same prospect, same category, >= {STUCK_MIN_ATTEMPTS} consecutive attempts.", ""]
+    lines += [
+        "## Stuck-at patterns",
+        "",
+        f"Same prospect, same category, >= {STUCK_MIN_ATTEMPTS} consecutive attempts.",
+        "",
+    ]
     if report.stuck:
         lines += table(
             ["prospect", "category", "attempts", "iterations"],
@@ -145,13 +161,17 @@ def _run_markdown(report: RunFailureReport) -> str:
             lines += [f"### {category.value}", ""]
             for e in examples:
                 reward = f", reward {e.reward:.2f}" if e.reward is not None else ""
-                lines.append(f"- iteration {e.iteration}, prospect {e.prospect_id or '-'} ({e.source}{reward}): `{e.excerpt}`")
+                lines.append(
+                    f"- iteration {e.iteration}, prospect {e.prospect_id or '-'} ({e.source}{reward}): `{e.excerpt}`"
+                )
             lines.append("")
 
     lines += ["## Recommendations", ""]
     if report.counts_by_category:
         for category, n in report.counts_by_category.items():
-            lines.append(f"- **{category.value}** ({n}): {recommendation(category, report.category_stats.get(category))}")
+            lines.append(
+                f"- **{category.value}** ({n}): {recommendation(category, report.category_stats.get(category))}"
+            )
         for s in report.stuck[:5]:
             lines.append(
                 f"- **stuck**: prospect {s.prospect_id} keeps failing with {s.category.value} "
@@ -168,37 +188,67 @@ def _run_markdown(report: RunFailureReport) -> str:
 
 def _cross_markdown(report: CrossRunReport) -> str:
     n_runs = len(report.run_ids)
-    lines = [f"# Cross-run failure report: last {n_runs} run(s)", "", f"Generated {report.generated_at:%Y-%m-%d %H:%M:%S} UTC.", ""]
+    lines = [
+        f"# Cross-run failure report: last {n_runs} run(s)",
+        "",
+        f"Generated {report.generated_at:%Y-%m-%d %H:%M:%S} UTC.",
+        "",
+    ]
     lines += ["## Runs", "", "Oldest first.", ""]
     lines += table(
         ["run", "failures", "top category"],
         [
-            (r, report.failures_per_run.get(r, 0), next(iter(report.category_counts_per_run.get(r) or {"-": 0})))
+            (r, report.failures_per_run.get(r, 0), next(iter(report.category_counts_per_run.get(r) or ()), "-"))
             for r in report.run_ids
         ],
     )
     lines.append("")
     total = report.total_failures or 1
     lines += ["## Failures by category", "", "Primary category of each failure, all runs.", ""]
-    lines += table(["category", "failures", "share"], [(c.value, n, f"{n / total:.0%}") for c, n in report.counts_by_category.items()])
+    lines += table(
+        ["category", "failures", "share"],
+        [(c.value, n, f"{n / total:.0%}") for c, n in report.counts_by_category.items()],
+    )
     lines.append("")
 
     share = f"{CONSISTENT_SHARE:.0%}"
-    lines += ["## Consistently failing prospects", "", f"Failing in >= {share} of the runs they appear in (at least 2).", ""]
+    lines += [
+        "## Consistently failing prospects",
+        "",
+        f"Failing in >= {share} of the runs they appear in (at least 2).",
+        "",
+    ]
     lines += (
-        table(["prospect", "failed runs", "runs seen", "share"], [(i.prospect_id, i.failed_runs, i.seen_runs, f"{i.share:.0%}") for i in report.consistent_prospects])
+        table(
+            ["prospect", "failed runs", "runs seen", "share"],
+            [(i.prospect_id, i.failed_runs, i.seen_runs, f"{i.share:.0%}") for i in report.consistent_prospects],
+        )
         if report.consistent_prospects
         else ["None."]
     )
     lines += ["", "## Consistently failing categories", ""]
     lines += (
-        table(["category", "failed runs", "runs", "share"], [(i.category.value, i.failed_runs, i.seen_runs, f"{i.share:.0%}") for i in report.consistent_categories if i.category])
+        table(
+            ["category", "failed runs", "runs", "share"],
+            [
+                (i.category.value, i.failed_runs, i.seen_runs, f"{i.share:.0%}")
+                for i in report.consistent_categories
+                if i.category
+            ],
+        )
         if report.consistent_categories
         else ["None."]
     )
     lines += ["", "## Consistent prospect x category pairs", ""]
     lines += (
-        table(["prospect", "category", "failed runs", "runs seen"], [(i.prospect_id, i.category.value, i.failed_runs, i.seen_runs) for i in report.consistent_pairs[:20] if i.category])
+        table(
+            ["prospect", "category", "failed runs", "runs seen"],
+            [
+                (i.prospect_id, i.category.value, i.failed_runs, i.seen_runs)
+                for i in report.consistent_pairs[:20]
+                if i.category
+            ],
+        )
         if report.consistent_pairs
         else ["None."]
     )
@@ -206,7 +256,10 @@ def _cross_markdown(report: CrossRunReport) -> str:
     lines += (
         table(
             ["category", *report.run_ids, "change", "trend"],
-            [(t.category.value, *[f"{s:.0%}" for s in t.shares], f"{t.change:+.0%}", t.direction) for t in report.trends],
+            [
+                (t.category.value, *[f"{s:.0%}" for s in t.shares], f"{t.change:+.0%}", t.direction)
+                for t in report.trends
+            ],
         )
         if report.trends
         else ["None."]
@@ -215,10 +268,15 @@ def _cross_markdown(report: CrossRunReport) -> str:
     focus = [i.category for i in report.consistent_categories if i.category] or list(report.counts_by_category)[:3]
     if focus:
         for category in sort_categories(focus):
-            lines.append(f"- **{category.value}** ({report.counts_by_category.get(category, 0)} over all runs): {recommendation(category)}")
+            lines.append(
+                f"- **{category.value}** ({report.counts_by_category.get(category, 0)} over all runs): {recommendation(category)}"
+            )
         for t in report.trends:
             if t.direction == "rising":
-                lines.append(f"- **{t.category.value}** is rising ({t.change:+.0%} of failures from the first to the last run): check what changed between those runs.")
+                lines.append(
+                    f"- **{t.category.value}** is rising ({t.change:+.0%} of failures from the first to the last "
+                    "run): check what changed between those runs."
+                )
     else:
         lines.append("Nothing to recommend.")
     lines.append("")

@@ -103,7 +103,9 @@ class RunFailureReport(BaseModel):
     skipped_lines: int = 0
     by_source: dict[str, int] = Field(default_factory=dict)
     counts_by_category: dict[FailureCategory, int] = Field(default_factory=dict, description="Primary categories.")
-    any_category_counts: dict[FailureCategory, int] = Field(default_factory=dict, description="Every category a failure has.")
+    any_category_counts: dict[FailureCategory, int] = Field(
+        default_factory=dict, description="Every category a failure has."
+    )
     by_iteration: dict[int, dict[FailureCategory, int]] = Field(default_factory=dict)
     iterations: list[int] = Field(default_factory=list)
     top_prospects: list[ProspectFailures] = Field(default_factory=list)
@@ -158,7 +160,9 @@ class CrossRunReport(BaseModel):
     consistent_categories: list[CrossRunItem] = Field(default_factory=list)
     consistent_pairs: list[CrossRunItem] = Field(default_factory=list)
     trends: list[CategoryTrend] = Field(default_factory=list)
-    llm_usage_per_run: dict[str, dict[str, float]] = Field(default_factory=dict, description="Runs that recorded usage.")
+    llm_usage_per_run: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Runs that recorded usage."
+    )
     judge: JudgeAnalysis = Field(default_factory=JudgeAnalysis)
 
     @property

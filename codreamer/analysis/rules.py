@@ -94,6 +94,7 @@ def llm_usage(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
             return usage
     return {}
 
+
 def scheduled_scenarios(records: Sequence[Mapping[str, Any]]) -> dict[int, set[str]]:
     """The scenarios each iteration trained on, from its `iterations.jsonl` record."""
     scheduled: dict[int, set[str]] = defaultdict(set)
@@ -184,7 +185,6 @@ def recommendation(category: FailureCategory, stats: CategoryStats | None = None
     return "no recommendation."
 
 
-
 # --------------------------------------------------------------------------- one run
 
 
@@ -221,7 +221,11 @@ def run_report(
         report.trajectories_seen = int(sum(seen))
         report.exceptions_seen = int(sum(r.get("train/exceptions") or 0 for r in records))
     report.failed_trajectories = len(
-        {(f.iteration, f.trajectory_id) for f in failures if f.split == "train" and f.source == "output" and f.trajectory_id}
+        {
+            (f.iteration, f.trajectory_id)
+            for f in failures
+            if f.split == "train" and f.source == "output" and f.trajectory_id
+        }
     )
     report.llm_usage = llm_usage(records)
     return report
@@ -282,6 +286,11 @@ def _add_examples(report: RunFailureReport, failures: Sequence[Failure]) -> None
 
 
 # --------------------------------------------------------------------------- across runs
+
+
+def _rank(category: FailureCategory | None) -> int:
+    """A category's place in priority order (an item without a category sorts last)."""
+    return len(_RANK) if category is None else _RANK[category]
 
 
 def _consistent(failed: set[str], seen: set[str]) -> bool:
@@ -350,15 +359,21 @@ def _add_consistency(
             for c, r in category_failed.items()
             if _consistent(r, set(report.run_ids))
         ),
-        key=lambda i: (-i.share, _RANK[i.category]),
+        key=lambda i: (-i.share, _rank(i.category)),
     )
     report.consistent_pairs = sorted(
         (
-            CrossRunItem(prospect_id=p, category=c, failed_runs=len(r), seen_runs=len(prospect_seen[p]), runs=sorted(r, key=order))
+            CrossRunItem(
+                prospect_id=p,
+                category=c,
+                failed_runs=len(r),
+                seen_runs=len(prospect_seen[p]),
+                runs=sorted(r, key=order),
+            )
             for (p, c), r in pair_failed.items()
             if _consistent(r, prospect_seen[p])
         ),
-        key=lambda i: (-i.share, -i.failed_runs, i.prospect_id, _RANK[i.category]),
+        key=lambda i: (-i.share, -i.failed_runs, i.prospect_id, _rank(i.category)),
     )
 
 

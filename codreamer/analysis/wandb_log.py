@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from codreamer.analysis.failures import FAILURES_DIR, FAILURES_FILE, load_failures, path_part
+from codreamer.analysis.failures import FAILURES_DIR, FAILURES_FILE, Failure, load_failures, path_part
 
 __all__ = ["TABLE_COLUMNS", "log_failures"]
 
@@ -17,6 +17,14 @@ TABLE_COLUMNS = (
     "failure_id", "iteration", "step", "split", "scenario_id", "prospect_id", "trajectory_id",
     "category", "categories", "source", "reward", "error_message", "output",
 )  # fmt: skip
+
+
+def _row(failure: Failure) -> list[Any]:
+    """One table row, in `TABLE_COLUMNS` order (categories as plain text)."""
+    cells = {name: getattr(failure, name) for name in TABLE_COLUMNS}
+    cells["category"] = str(failure.category)
+    cells["categories"] = ",".join(map(str, failure.categories))
+    return [cells[name] for name in TABLE_COLUMNS]
 
 
 def log_failures(run_dir: Path, run_id: str, run: Any | None = None) -> bool:
@@ -36,13 +44,7 @@ def log_failures(run_dir: Path, run_id: str, run: Any | None = None) -> bool:
         return False
     run_dir = Path(run_dir)
     failures, _ = load_failures(run_dir)
-    rows = [
-        [
-            f.failure_id, f.iteration, f.step, f.split, f.scenario_id, f.prospect_id, f.trajectory_id,
-            str(f.category), ",".join(map(str, f.categories)), f.source, f.reward, f.error_message, f.output,
-        ]  # fmt: skip
-        for f in failures
-    ]
+    rows = [_row(f) for f in failures]
     table = wandb.Table(columns=list(TABLE_COLUMNS), data=rows)
     run.log({"failures/table": table, "failures/count": len(rows)})
     artifact = wandb.Artifact(

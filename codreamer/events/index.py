@@ -22,11 +22,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from codreamer.events.parse import RefreshStats, describe_error
 from codreamer.storage import write_bytes_atomic
 
-__all__ = ["ANCHOR_BYTES", "INDEX_VERSION", "Identity", "IndexFile", "identity", "read_index", "still_valid", "write_index"]
+__all__ = [
+    "ANCHOR_BYTES",
+    "INDEX_VERSION",
+    "Identity",
+    "IndexFile",
+    "identity",
+    "read_index",
+    "still_valid",
+    "write_index",
+]
 
 ANCHOR_BYTES = 4096
 """Bytes hashed at the head of the log and just before the consumed offset to notice a replaced log."""
-INDEX_VERSION = 1
+INDEX_VERSION: Literal[1] = 1
 
 
 class Identity(BaseModel):

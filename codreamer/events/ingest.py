@@ -201,7 +201,9 @@ def _check_header(path: Path, header: list[str]) -> None:
     if missing:
         raise IngestError(f"{path}:1: CSV header lacks column(s) {', '.join(missing)} (has: {', '.join(header)})")
     if "event" not in header and not any(name in header for name in FLAG_NAMES):
-        raise IngestError(f"{path}:1: CSV header has no outcome: add an `event` column or one of {', '.join(FLAG_NAMES)}")
+        raise IngestError(
+            f"{path}:1: CSV header has no outcome: add an `event` column or one of {', '.join(FLAG_NAMES)}"
+        )
     ignored = [name for name in header if name not in {*CSV_REQUIRED, *FLAG_NAMES, "event", "event_id", "source"}]
     if ignored:
         logger.info("{}: ignoring CSV column(s) {}", path, ", ".join(ignored))
@@ -235,7 +237,9 @@ def _csv_record(cells: list[str], header: list[str], default_source: str) -> dic
     return record
 
 
-def _csv_records(path: Path, lines: Iterator[Line], default_source: str) -> Iterator[tuple[int, dict[str, Any] | _RowError]]:
+def _csv_records(
+    path: Path, lines: Iterator[Line], default_source: str
+) -> Iterator[tuple[int, dict[str, Any] | _RowError]]:
     first = next(lines, None)
     if first is None:
         raise IngestError(f"{path}: empty CSV file (no header row)")
@@ -266,7 +270,7 @@ def _csv_records(path: Path, lines: Iterator[Line], default_source: str) -> Iter
 
 def _open(path: Path) -> IO[bytes]:
     try:
-        return open(path, "rb")  # noqa: SIM115 - closed by the caller
+        return open(path, "rb")
     except FileNotFoundError:
         raise IngestError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -307,7 +311,11 @@ def ingest_file(
             raise IngestError(f"{path}: cannot read: {exc.strerror or exc}") from None
         report = IngestReport(path=path, format=detect_format(path, head))
         lines = _physical_lines(handle, path)
-        records = _csv_records(path, lines, default_source) if report.format == "csv" else _jsonl_records(lines, default_source)
+        records = (
+            _csv_records(path, lines, default_source)
+            if report.format == "csv"
+            else _jsonl_records(lines, default_source)
+        )
         batch: list[OnlineOutcome] = []
         try:
             for number, record in records:
@@ -333,7 +341,12 @@ def ingest_file(
             _flush(log, batch, report)
     logger.info(
         "{}: {} row(s): {} valid ({} new, {} already in the log), {} invalid",
-        path, report.rows, report.valid, report.appended, report.duplicates, report.invalid,
+        path,
+        report.rows,
+        report.valid,
+        report.appended,
+        report.duplicates,
+        report.invalid,
     )
     return report
 

@@ -51,7 +51,6 @@ class AppendResult(BaseModel):
     duplicates: int
 
 
-
 def _encode(outcomes: Sequence[OnlineOutcome]) -> bytes:
     for position, outcome in enumerate(outcomes):
         if not isinstance(outcome, OnlineOutcome):
@@ -154,7 +153,9 @@ class EventLog:
         started = time.perf_counter()
         restarted = self._identity is not None and not still_valid(fd, self._identity)
         if restarted:
-            logger.warning("{}: replaced or truncated since byte {}; re-reading it from the start", self.path, self._offset)
+            logger.warning(
+                "{}: replaced or truncated since byte {}; re-reading it from the start", self.path, self._offset
+            )
             self._reset()
         stats = RefreshStats(restarted=restarted)
         accepted: list[pl.DataFrame] = []
@@ -238,7 +239,10 @@ class EventLog:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats.malformed.items()))
             logger.warning(
                 "{}: skipped {} malformed line(s) ({}); first: {}",
-                self.path, stats.malformed_total, reasons, stats.samples[0].describe(self.path),
+                self.path,
+                stats.malformed_total,
+                reasons,
+                stats.samples[0].describe(self.path),
             )
         if stats.events or stats.duplicates:
             logger.debug(

@@ -44,7 +44,7 @@ MAX_SAMPLES = 5
 
 # --- the canonical line --------------------------------------------------------------------
 
-_PLAIN = r'[ !#-\[\]-~]'  # printable ASCII except `"` and `\`: such a JSON string is its own value
+_PLAIN = r"[ !#-\[\]-~]"  # printable ASCII except `"` and `\`: such a JSON string is its own value
 _TIMESTAMP = (
     r"[12][0-9]{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
     r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
@@ -56,7 +56,7 @@ _VALUE_PATTERNS = {
     "prospect_id": f'"{_PLAIN}*"',
     "step": "(?:0|[1-9][0-9]{0,17})",
     "timestamp": f'"{_TIMESTAMP}"',
-    **{name: "(?:true|false)" for name in FLAG_NAMES},
+    **dict.fromkeys(FLAG_NAMES, "(?:true|false)"),
     "source": f'"{_PLAIN}*"',
 }
 if list(_VALUE_PATTERNS) != list(OnlineOutcome.model_fields):  # pragma: no cover - caught by the tests at once
@@ -201,7 +201,8 @@ def _canonical_columns(lines: pl.Series) -> pl.DataFrame:
     eid_end = find('","trajectory_id":"')
     ts_start = find(',"timestamp":"') + len(',"timestamp":"')
     flags = pl.sum_horizontal(
-        line.str.contains(f'"{name}":true', literal=True).cast(pl.Int64) * (1 << bit) for bit, name in enumerate(FLAG_NAMES)
+        line.str.contains(f'"{name}":true', literal=True).cast(pl.Int64) * (1 << bit)
+        for bit, name in enumerate(FLAG_NAMES)
     )
     return pl.DataFrame({"line": lines}).select(
         line.str.contains(CANONICAL_LINE).alias("canonical"),
@@ -269,7 +270,9 @@ def parse_chunk(data: bytes, end: int, first_line: int, base: int) -> ParsedChun
     columns = _canonical_columns(_lines_series(data, starts))
     fast = columns.filter("canonical").drop("canonical")
     fast = fast.with_columns(_epoch_us(fast["timestamp"])).drop("timestamp")
-    others = columns.filter(~pl.col("canonical"))["row"].to_list() + fast.filter(pl.col("ts").is_null())["row"].to_list()
+    others = (
+        columns.filter(~pl.col("canonical"))["row"].to_list() + fast.filter(pl.col("ts").is_null())["row"].to_list()
+    )
     parsed = ParsedChunk(events=fast.drop_nulls("ts"), lines=len(starts) - 1)
     if others:  # not canonical, or a date that does not exist: pydantic decides
         slow = _parse_one_by_one(_Chunk(data, starts, first_line, base), sorted(others), parsed)

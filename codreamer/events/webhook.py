@@ -48,7 +48,7 @@ _SECRET_KEY = web.AppKey("secret", bytes)
 _LOCK_KEY = web.AppKey("append_lock", asyncio.Lock)
 _MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 _TOLERANCE_KEY = web.AppKey("tolerance_s", float)
-_CLOCK_KEY = web.AppKey("clock", Callable[[], float])
+_CLOCK_KEY: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 
 
 def _mac(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -87,18 +87,24 @@ def _authentication_problem(request: web.Request, body: bytes) -> str | None:
         return f"missing or bad {TIMESTAMP_HEADER} header (the send time, in unix seconds)"
     header = (request.headers.get(SIGNATURE_HEADER) or "").strip()
     if not header.startswith(SIGNATURE_PREFIX):
-        return f"missing or bad {SIGNATURE_HEADER} header (expected {SIGNATURE_PREFIX}<hex hmac of \"<timestamp>.<body>\">)"
+        return (
+            f'missing or bad {SIGNATURE_HEADER} header (expected {SIGNATURE_PREFIX}<hex hmac of "<timestamp>.<body>">)'
+        )
     expected = _mac(request.app[_SECRET_KEY], stamp, body)
     if not hmac.compare_digest(expected.encode(), header[len(SIGNATURE_PREFIX) :].lower().encode()):
-        return f"bad {SIGNATURE_HEADER} (expected {SIGNATURE_PREFIX}<hex hmac of \"<timestamp>.<body>\">)"
+        return f'bad {SIGNATURE_HEADER} (expected {SIGNATURE_PREFIX}<hex hmac of "<timestamp>.<body>">)'
     tolerance = request.app[_TOLERANCE_KEY]
     if abs(request.app[_CLOCK_KEY]() - int(stamp)) > tolerance:
-        return f"{TIMESTAMP_HEADER} is more than {tolerance:g} s from the server's time (a replay, or a clock that is off)"
+        return (
+            f"{TIMESTAMP_HEADER} is more than {tolerance:g} s from the server's time (a replay, or a clock that is off)"
+        )
     return None
 
 
 def _is_json(content_type: str) -> bool:
-    return content_type == "application/json" or (content_type.startswith("application/") and content_type.endswith("+json"))
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -181,7 +187,12 @@ def build_webhook_app(
 
 
 async def serve_events(
-    log: EventLog, secret: str | None, host: str = "127.0.0.1", port: int = 8787, *, tolerance_s: float = DEFAULT_TOLERANCE_S
+    log: EventLog,
+    secret: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    *,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
 ) -> None:
     """Serve the webhook until cancelled. Refuses to start without a secret of 32 bytes or more."""
     check_secret(secret)

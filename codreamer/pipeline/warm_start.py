@@ -14,7 +14,6 @@ start that crashed before writing it is discarded on resume, and the warm start 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from codreamer.agent.demonstrations import TemplateDemoWriter
 from codreamer.config import Settings
 from codreamer.domain import Product, Scenario
-from codreamer.runs import write_json_atomic
+from codreamer.storage import read_jsonl, write_json_atomic
 
 __all__ = ["WARM_START_FILE", "WarmStartRecord", "demonstrations", "load_warm_start", "run_warm_start"]
 
@@ -68,13 +67,8 @@ def demonstrations(product: Product, train: list[Scenario], count: int, seed: in
 def _sft_losses(history: Path, step: int) -> list[float]:
     """The per-optimizer-step losses ART's `train_sft` logged to its `history.jsonl` for `step`."""
     losses: list[float] = []
-    if not history.is_file():
-        return losses
-    for line in history.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
+    rows, _ = read_jsonl(history, encoding_errors="replace")  # ART's file: bad lines are skipped
+    for row in rows:
         if not isinstance(row, dict) or row.get("step") != step:
             continue
         losses += [float(v) for k, v in row.items() if k.startswith("sft/") and k.endswith("loss/train")]

@@ -70,7 +70,9 @@ class JudgeConfig(BaseModel):
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint (litellm api_base).")
     api_key: SecretStr | None = Field(default=None, description="Judge API key; None: litellm reads the env.")
     timeout_s: float = Field(default=default_of("judge_timeout_s"), gt=0, description="Per HTTP request.")
-    attempts: int = Field(default=default_of("judge_attempts"), ge=1, description="Tries in all, for transient errors only.")
+    attempts: int = Field(
+        default=default_of("judge_attempts"), ge=1, description="Tries in all, for transient errors only."
+    )
     backoff_initial_s: float = Field(default=1.0, ge=0)
     backoff_max_s: float = Field(default=20.0, ge=0)
     rubric: str | None = Field(default=None, description="None: ART's default RULER rubric.")
@@ -167,7 +169,7 @@ async def judge_group(group: art.TrajectoryGroup, judge: JudgeConfig) -> GroupJu
                     attempts += 1
                     # one usage record per attempt (ART may send 2 requests in one: tokens summed)
                     with timed_llm_call("judge", judge.model) as call, art_judge_usage(call):
-                        scored = await art.rewards.ruler_score_group(
+                        scored = await _art_ruler.ruler_score_group(
                             group,
                             judge_model=judge.model,
                             extra_litellm_params=params,
