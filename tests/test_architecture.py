@@ -52,14 +52,9 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("4 entry points", frozenset("cli".split())),
 )
 
-#: Upward edges that exist today (importer, imported), each to be removed by a step of issue 13:
-#: tracking writes its JSONL through `pipeline.history.append_record`, a thin wrapper over
-#: `codreamer.storage.append_jsonl` that it can call directly. Empty it; never add to it.
-KNOWN_LAYER_VIOLATIONS: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("codreamer.tracking.start", "codreamer.pipeline.history"),
-    }
-)
+#: Upward edges that exist today (importer, imported). None are left (issue 13 moved the locked
+#: JSONL append into the foundation `codreamer.storage`). Keep it empty; never add to it.
+KNOWN_LAYER_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 
 MAX_LINES = 600
 

@@ -6,8 +6,10 @@ import asyncio
 import sys
 from pathlib import Path
 
-from codreamer.analysis.analyzer import AnalyzerJudgeConfig, CrossRunReport, FailureAnalyzer, RunFailureReport
+from codreamer.analysis.analyzer import FailureAnalyzer
 from codreamer.analysis.charts import plot_categories_over_iterations
+from codreamer.analysis.judge import AnalyzerJudgeConfig
+from codreamer.analysis.report import CrossRunReport, RunFailureReport
 from codreamer.paths import UnsafePathError
 from codreamer.usage import LLMPrices
 

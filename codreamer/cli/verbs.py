@@ -177,8 +177,8 @@ class Analyze(Verb):
     last: int | None = Field(default=None, description="analyse patterns across the last N runs instead")
 
     def run(self, settings: Settings) -> int:
-        from codreamer.analysis.analyzer import AnalyzerJudgeConfig
         from codreamer.analysis.commands import cmd_analyze
+        from codreamer.analysis.judge import AnalyzerJudgeConfig
         from codreamer.runs import models_root
 
         return cmd_analyze(models_root(settings), self.run_id, self.last, AnalyzerJudgeConfig.from_settings(settings))

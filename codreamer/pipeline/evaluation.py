@@ -27,7 +27,7 @@ import numpy as np
 from loguru import logger
 from pydantic import BaseModel, Field, ValidationError
 
-from codreamer.runs import write_json_atomic
+from codreamer.storage import write_json_atomic
 
 if TYPE_CHECKING:
     import art

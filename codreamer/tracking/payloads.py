@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from codreamer.local_trace import is_secret_name
+from codreamer.redaction import is_secret_name
 
 TOP_LEVEL_METRICS = frozenset({"iteration", "peak_rss_mb"})
 LARGE_KEYS = frozenset(

@@ -17,8 +17,8 @@ from typing import Any
 from loguru import logger
 
 from codreamer.config import Settings
-from codreamer.local_trace import is_secret_name
-from codreamer.pipeline.history import append_record
+from codreamer.redaction import is_secret_name
+from codreamer.storage import append_jsonl
 from codreamer.tracking import process
 from codreamer.tracking.clients import WandbClient, WandbLibrary, WeaveClient, WeaveLibrary, bounded, short
 from codreamer.tracking.modes import Mode, ModeDecision, choose_mode, wandb_run_id
@@ -171,7 +171,7 @@ def _record_session(session: TrackingSession, resumed: bool) -> None:
         "weave_project": session.weave_project,
     }
     try:
-        append_record(session.run_dir / TRACKING_FILE, record)
+        append_jsonl(session.run_dir / TRACKING_FILE, [record])
     except OSError as exc:  # the log line below still says where the data went
         logger.warning("could not write {}: {}", TRACKING_FILE, exc)
 
