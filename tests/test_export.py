@@ -89,7 +89,7 @@ def test_a_missing_step_or_an_existing_output_is_refused(
     trained_run: tuple[Path, list[int], list[int]], tmp_path: Path
 ) -> None:
     run, _, _ = trained_run
-    with pytest.raises(ExportError, match="step 7 is not on disk.*steps there: 3"):
+    with pytest.raises(ExportError, match=r"step 7 is not on disk.*steps there: 3"):
         export_checkpoint(run, tmp_path / "x", step=7, cache_dir=CACHE)
     (tmp_path / "taken").mkdir()
     with pytest.raises(ExportError, match="already exists"):
