@@ -212,7 +212,7 @@ def _detail(span: dict[str, Any]) -> str:
     inputs = span.get("inputs") or {}
     iteration = inputs.get("iteration")
     if isinstance(iteration, int) and not isinstance(iteration, bool):
-        return f"iteration {iteration + 1}"
+        return f"iteration {iteration}"  # numbered from 1, as in iterations.jsonl
     scenario = inputs.get("scenario")
     if not isinstance(scenario, str):
         return ""
