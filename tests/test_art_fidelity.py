@@ -134,3 +134,17 @@ async def test_unknown_train_options_are_refused_before_anything_changes(tmp_pat
         assert result.step == 1 and "kl_policy_ref" in result.metrics
     finally:
         await backend.close()
+
+
+def test_identity_is_recorded_checked_and_adopted_for_runs_written_before_it(tmp_path: Path) -> None:
+    from codreamer.backends.embedded.backend import IDENTITY_FILE, check_identity
+
+    legacy = _model(tmp_path, run_name="old-run")
+    (checkpoints_dir(legacy) / "0004").mkdir(parents=True)  # a run from before identities: adopted, not refused
+    check_identity(legacy)
+    assert json.loads((checkpoints_dir(legacy).parent / IDENTITY_FILE).read_text())["name"] == "fidelity"
+    renamed = art.TrainableModel(
+        name="other", project="p", run_name="old-run", base_model=EMBEDDED_MODEL_NAME, base_path=str(tmp_path)
+    )
+    with pytest.raises(ModelIdentityError, match="name 'fidelity' on disk, 'other' now"):
+        check_identity(renamed)

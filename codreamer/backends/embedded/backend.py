@@ -70,10 +70,8 @@ def check_identity(model: art.TrainableModel) -> None:
             detail = ", ".join(f"{k} {old!r} on disk, {new!r} now" for k, (old, new) in differ.items())
             raise ModelIdentityError(f"{folder} belongs to another model ({detail}); use another run_name or project")
         return
-    if checkpoint_steps(model):
-        raise ModelIdentityError(
-            f"{folder} has checkpoints but no {IDENTITY_FILE}: cannot tell whose they are; refusing to inherit them"
-        )
+    if checkpoint_steps(model):  # a run written before identities were recorded: its folder is its run name
+        logger.warning("{} has checkpoints but no {}: adopting them as {}", folder, IDENTITY_FILE, ours)
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ours, indent=2))
 
