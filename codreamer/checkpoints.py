@@ -19,11 +19,12 @@ optimizer states belong to (and a Tinker service deletes remotely), ServerlessBa
 checkpoints live on W&B. For them `prune_through_backend` applies the same policy
 (`retained_steps`) through the backend's own deletion, `backend._delete_checkpoint_files(model,
 steps_to_keep)` (what ART's `model.delete_checkpoints` calls), so hosted runs are pruned too.
+The loop awaits it after each iteration (`codreamer.pipeline.iteration.prune_run_checkpoints`),
+so a deletion never overlaps the training step that saves the next checkpoint.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import re
@@ -48,8 +49,6 @@ __all__ = [
     "prune_checkpoints",
     "prune_through_backend",
     "retained_steps",
-    "schedule_backend_pruning",
-    "wait_for_pruning",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -176,56 +175,6 @@ async def prune_through_backend(
     await backend._delete_checkpoint_files(model, sorted(keep))
     logger.info("pruned checkpoints through the {} (kept steps {})", type(backend).__name__, sorted(keep))
     return sorted(keep)
-
-
-#: Pruning tasks started by `schedule_backend_pruning` and not finished yet (a strong reference:
-#: the event loop keeps only weak ones).
-_PRUNING: set[asyncio.Task[list[int] | None]] = set()
-
-
-async def _prune_logged(backend: Any, model: Any, scores: Mapping[int, float], **policy: Any) -> list[int] | None:
-    try:
-        return await prune_through_backend(backend, model, scores, **policy)
-    except Exception as exc:  # noqa: BLE001 - a failed deletion must not stop the run; it is retried next time
-        logger.warning("could not prune checkpoints through the {}: {}: {}", type(backend).__name__, type(exc).__name__, exc)
-        return None
-
-
-def schedule_backend_pruning(
-    backend: Any,
-    model: Any,
-    scores: Mapping[int, float],
-    *,
-    keep_last: int | None = 1,
-    keep_best: bool = True,
-    protect: Iterable[int] = (),
-) -> asyncio.Task[list[int] | None] | None:
-    """Start `prune_through_backend` on the running event loop and return its task (None when
-    there is nothing to do or a previous pruning is still running), for callers that cannot await.
-
-    A failure is logged as a warning, never raised: the next pruning tries again.
-    """
-    _check_keep_last(keep_last)
-    if keep_last is None:
-        return None
-    if any(not task.done() for task in _PRUNING):
-        logger.debug("a checkpoint pruning is still running; not starting another")
-        return None
-    task = asyncio.get_running_loop().create_task(
-        _prune_logged(backend, model, dict(scores), keep_last=keep_last, keep_best=keep_best, protect=list(protect)),
-        name="prune-checkpoints",
-    )
-    _PRUNING.add(task)
-    task.add_done_callback(_PRUNING.discard)
-    return task
-
-
-async def wait_for_pruning() -> None:
-    """Wait for the pruning tasks in flight, e.g. before a training step saves a new checkpoint
-    (`prune_through_backend` keeps only steps up to the one it saw, so it must not overlap one)."""
-    pending = [task for task in _PRUNING if not task.done()]
-    if pending:
-        await asyncio.gather(*pending)
 
 
 def heldout_scores(run_dir: Path) -> dict[int, float]:

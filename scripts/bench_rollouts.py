@@ -158,7 +158,7 @@ async def run(args: argparse.Namespace) -> None:
     from codreamer.data import load_task_data
     from codreamer.local_trace import recording_to
     from codreamer.pipeline.history import append_record
-    from codreamer.pipeline.loop import build_scorer
+    from codreamer.pipeline.run import build_scorer
     from codreamer.pipeline.stages import RolloutPlan, generate_trajectories, score_trajectories
 
     work = Path(tempfile.mkdtemp(prefix="bench-rollouts-"))

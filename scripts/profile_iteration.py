@@ -117,7 +117,8 @@ async def profile_one_iteration(args: argparse.Namespace, out: Path) -> dict[str
     from pyinstrument import Profiler
 
     from codreamer.config import Settings
-    from codreamer.pipeline.loop import open_run, run_iteration
+    from codreamer.pipeline.iteration import run_iteration
+    from codreamer.pipeline.run import open_run
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(runs_dir=Path(tempfile.mkdtemp(prefix="profile-iteration-")), wandb=False, **overrides)
@@ -131,7 +132,7 @@ async def profile_one_iteration(args: argparse.Namespace, out: Path) -> dict[str
             profiler = Profiler(interval=0.005, async_mode="enabled")
             profiler.start()
             wall = time.perf_counter()
-            record = await run_iteration(run, 0, evaluate_after=True)
+            record = await run_iteration(run, 1, evaluate_after=True)  # iterations are numbered from 1
             wall = time.perf_counter() - wall
             profiler.stop()
     finally:

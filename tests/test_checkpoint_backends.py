@@ -18,9 +18,10 @@ import art
 import pytest
 from loguru import logger
 
-from codreamer.checkpoints import checkpoint_steps, prune_through_backend, retained_steps, schedule_backend_pruning
+from codreamer.checkpoints import checkpoint_steps, prune_through_backend, retained_steps
 from codreamer.config import Settings
 from codreamer.pipeline.evaluation import EvalSummary, PartStats, store_evaluation
+from codreamer.pipeline.iteration import prune_run_checkpoints
 from codreamer.pipeline.stages import grpo_update
 
 pytestmark = pytest.mark.timeout(60)
@@ -121,38 +122,6 @@ def test_arts_serverless_deletion_gets_the_steps_to_keep() -> None:
     assert kept == [2, 4] and deleted == [{"model_id": "model-1", "steps": [1, 3]}]
 
 
-def test_a_failed_deletion_is_a_warning_and_a_second_one_waits(warnings_seen: list[str]) -> None:
-    async def scenario() -> None:
-        gate = asyncio.Event()
-        backend = HostedBackend([1, 2, 3], fail=True, gate=gate)
-        task = schedule_backend_pruning(backend, HostedModel(3), {})
-        assert task is not None
-        await asyncio.sleep(0)
-        assert schedule_backend_pruning(backend, HostedModel(3), {}) is None  # one at a time
-        gate.set()
-        assert await task is None  # no exception escapes the task
-        assert schedule_backend_pruning(backend, HostedModel(3), {}, keep_last=None) is None
-
-    asyncio.run(scenario())
-    assert any("could not prune checkpoints" in w and "W&B is unreachable" in w for w in warnings_seen)
-
-
-def test_a_training_step_waits_for_the_pruning_in_flight() -> None:
-    """Otherwise the deletion, which keeps steps up to the one it saw, could remove the new checkpoint."""
-
-    async def scenario() -> HostedBackend:
-        gate = asyncio.Event()
-        backend, model = HostedBackend([1, 2, 3, 4], gate=gate), HostedModel(4)
-        schedule_backend_pruning(backend, model, {2: 0.9})
-        asyncio.get_running_loop().call_later(0.05, gate.set)
-        await grpo_update(backend, model, [], learning_rate=1e-5, options={})  # type: ignore[arg-type]
-        return backend
-
-    backend = asyncio.run(scenario())
-    assert backend.deletions_done_at_train == [1]  # trained after the deletion, not during it
-    assert backend.steps == {2, 4, 5}  # the pruned set plus the new step, which survived
-
-
 def _run(tmp_path: Path, backend_kind: str, backend: Any, model: Any, **settings: Any) -> Any:
     directory = tmp_path / "runs" / "codreamer" / "models" / "r1"
     directory.mkdir(parents=True, exist_ok=True)
@@ -168,28 +137,50 @@ def _run(tmp_path: Path, backend_kind: str, backend: Any, model: Any, **settings
 
 
 def test_the_loop_prunes_art_backends_through_them_and_embedded_folders_itself(tmp_path: Path) -> None:
-    from codreamer.pipeline.loop import _prune_checkpoints
-
-    async def in_loop(run: Any) -> None:
-        _prune_checkpoints(run)  # sync, called between the stages of an iteration
-        await asyncio.sleep(0)
-        from codreamer.checkpoints import wait_for_pruning
-
-        await wait_for_pruning()
+    def in_loop(run: Any) -> None:
+        asyncio.run(prune_run_checkpoints(run))  # awaited between the stages of an iteration
 
     backend = HostedBackend([1, 2, 3, 4, 5])
-    asyncio.run(in_loop(_run(tmp_path / "a", "serverless", backend, HostedModel(5))))
+    in_loop(_run(tmp_path / "a", "serverless", backend, HostedModel(5)))
     assert backend.steps == {2, 5}
     backend = HostedBackend([1, 2, 3, 4, 5])
-    asyncio.run(in_loop(_run(tmp_path / "b", "local", backend, HostedModel(5), kl_penalty_reference_step=1)))
+    in_loop(_run(tmp_path / "b", "local", backend, HostedModel(5), kl_penalty_reference_step=1))
     assert backend.steps == {1, 2, 5}  # the KL reference checkpoint is kept
     backend = HostedBackend([1, 2, 3, 4, 5])
-    asyncio.run(in_loop(_run(tmp_path / "c", "serverless", backend, HostedModel(5), keep_last="all")))
+    in_loop(_run(tmp_path / "c", "serverless", backend, HostedModel(5), keep_last="all"))
     assert backend.kept_calls == []
 
     # embedded: the run folder's checkpoints, pruned in place as before; the backend is not asked
     run = _run(tmp_path / "d", "embedded", HostedBackend([]), HostedModel(5))
     for step in (1, 2, 3, 4, 5):
         (run.directory / "checkpoints" / f"{step:04d}").mkdir(parents=True)
-    asyncio.run(in_loop(run))
+    in_loop(run)
     assert checkpoint_steps(run.directory / "checkpoints") == [2, 5] and run.backend.kept_calls == []
+
+
+def test_a_failed_deletion_is_a_warning_and_the_next_pruning_tries_again(tmp_path: Path, warnings_seen: list[str]) -> None:
+    backend = HostedBackend([1, 2, 3], fail=True)
+    asyncio.run(prune_run_checkpoints(_run(tmp_path, "serverless", backend, HostedModel(3))))  # no exception escapes
+    assert any("could not prune checkpoints" in w and "W&B is unreachable" in w for w in warnings_seen)
+    assert backend.steps == {1, 2, 3}
+    backend.fail = False
+    asyncio.run(prune_run_checkpoints(_run(tmp_path, "serverless", backend, HostedModel(3))))
+    assert backend.steps == {2, 3}  # the best (step 2 scored 0.9) and the latest
+    assert asyncio.run(prune_run_checkpoints(_run(tmp_path, "serverless", backend, HostedModel(3), keep_last="all"))) is None
+    assert len(backend.kept_calls) == 2  # `--keep-last all`: the backend is not asked
+
+
+def test_a_training_step_never_overlaps_the_pruning(tmp_path: Path) -> None:
+    """Otherwise the deletion, which keeps steps up to the one it saw, could remove the new checkpoint."""
+
+    async def scenario() -> HostedBackend:
+        gate = asyncio.Event()
+        backend, model = HostedBackend([1, 2, 3, 4], gate=gate), HostedModel(4)
+        asyncio.get_running_loop().call_later(0.05, gate.set)
+        await prune_run_checkpoints(_run(tmp_path, "serverless", backend, model))  # returns when the deletion is done
+        await grpo_update(backend, model, [], learning_rate=1e-5, options={})  # type: ignore[arg-type]
+        return backend
+
+    backend = asyncio.run(scenario())
+    assert backend.deletions_done_at_train == [1]  # trained after the deletion, not during it
+    assert backend.steps == {2, 4, 5}  # the pruned set plus the new step, which survived

@@ -7,13 +7,14 @@ serve it on loopback, run rollouts, score them, take a real GRPO step, checkpoin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from codreamer.cli import codreamer_main, learn_loop_main, train_main
-from codreamer.config import Settings
+from codreamer.config import Settings, command_fields
 from codreamer.pipeline.history import read_history
 
 pytestmark = pytest.mark.slow
@@ -70,15 +71,19 @@ def test_train_runs_max_steps(tmp_path: Path) -> None:
     assert "eval/reward_mean" in records[0]  # the last step is evaluated
 
 
-@pytest.mark.parametrize("entry", [learn_loop_main, train_main])
-def test_help_documents_every_flag(entry, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("entry, command", [(learn_loop_main, "learn-loop"), (train_main, "train")])
+def test_help_documents_every_flag(entry, command, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         entry(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
+    own = command_fields(command)
     for name, field in Settings.model_fields.items():
         if "SecretStr" in str(field.annotation):
             assert f"--{name.replace('_', '-')}" not in text  # secrets never on the command line
+            continue
+        if name not in own:
+            assert not re.search(rf"--{name.replace('_', '-')}\b(?!-)", text), name  # the other command's flag
             continue
         assert f"--{name.replace('_', '-')}" in text, name
         assert field.description and field.description.split()[0] in text

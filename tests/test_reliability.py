@@ -22,7 +22,7 @@ from codreamer.analysis.collector import FailureCollector, load_failures
 from codreamer.agent.rollout import RolloutConfig
 from codreamer.config import Settings
 from codreamer.domain import Product, Prospect, Scenario
-from codreamer.pipeline.loop import ResumeConfigError, check_resume_settings, discard_uncommitted_checkpoints
+from codreamer.pipeline.run import ResumeConfigError, check_resume_settings, discard_uncommitted_checkpoints
 from codreamer.pipeline.fanout import RolloutFailuresError
 from codreamer.pipeline.stages import RolloutPlan, generate_trajectories, grpo_update
 from codreamer.pipeline.state import (

@@ -1,7 +1,7 @@
 """Which scenarios each iteration trains on: a deterministic function of (seed, iteration).
 
 The order of the training scenarios is reshuffled each epoch with `Random(seed + epoch)`
-and iteration `i` takes the next `per_step` of them. Because it depends on nothing else,
+and each iteration takes the next `per_step` of them. Because it depends on nothing else,
 a resumed run picks exactly the scenarios the uninterrupted run would have picked.
 """
 
@@ -12,11 +12,15 @@ import random
 from codreamer.domain import Scenario
 
 
-def scenarios_for_iteration(train: list[Scenario], iteration: int, per_step: int, seed: int) -> list[Scenario]:
+def scenarios_for_iteration(train: list[Scenario], before: int, per_step: int, seed: int) -> list[Scenario]:
+    """The scenarios of the iteration after `before` others (iteration number N: `before` = N - 1).
+
+    A position in the scenario stream, not an iteration number: the stream starts at 0.
+    """
     if not train:
         raise ValueError("no training scenarios")
     picked: list[Scenario] = []
-    start = iteration * per_step
+    start = before * per_step
     for position in range(start, start + per_step):
         epoch, index = divmod(position, len(train))
         order = list(train)

@@ -17,6 +17,8 @@ import weave
 from loguru import logger
 
 from codreamer.agent.rollout import RolloutConfig
+from codreamer.backends.factory import train_options_of
+from codreamer.config import Settings
 from codreamer.local_trace import traced
 from codreamer.domain import Product, Scenario
 from codreamer.pipeline.fanout import RolloutJob, fan_out_rollouts
@@ -36,6 +38,19 @@ class RolloutPlan:
     max_exceptions: float
     seed: int
     rollout_timeout_s: float = 900.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, product: Product) -> RolloutPlan:
+        """The rollout view of the settings, for the task's product."""
+        return cls(
+            product=product,
+            config=RolloutConfig.from_settings(settings),
+            group_size=settings.group_size,
+            concurrency=settings.rollout_concurrency,
+            max_exceptions=settings.max_exceptions,
+            seed=settings.seed,
+            rollout_timeout_s=settings.rollout_timeout_s,
+        )
 
 
 @dataclass
@@ -130,17 +145,12 @@ async def grpo_update(
 
     `options` are ART's training keywords (`loss_fn`, `kl_penalty_coef`, ...; see
     `codreamer.backends.factory.ART_TRAIN_OPTIONS`) passed to `backend.train` as they are;
-    None: those the factory attached to the backend from the settings (only the ones the
-    user set, so an unset option keeps the backend's default). A permanent error (a bug, a
-    bad batch, an option the backend refuses) is raised at once: retrying it would only hide it.
-    A checkpoint pruning still running through the backend finishes first, so it cannot
-    delete the checkpoint this step saves.
+    the loop passes `train_options(settings)` (only the ones the user set, so an unset option
+    keeps the backend's default). None: those the factory attached to the backend. A
+    permanent error (a bug, a bad batch, an option the backend refuses) is raised at once:
+    retrying it would only hide it.
     """
-    from codreamer.backends.factory import train_options_of
-    from codreamer.checkpoints import wait_for_pruning
-
     extra = train_options_of(backend) if options is None else dict(options)
-    await wait_for_pruning()
     async for attempt in retrying(retry or RetryPolicy(), "training"):
         with attempt:
             return await backend.train(model, groups, learning_rate=learning_rate, **extra)

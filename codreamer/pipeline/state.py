@@ -7,6 +7,13 @@ reads both and continues with the first stage that did not complete:
 
     started -> generated -> scored -> trained -> evaluated -> (history record) committed
 
+Iterations are numbered from 1, here as in the history (`iterations.jsonl`), the reports,
+W&B, the logs and the trace: the state's `iteration` is the number of the iteration in
+progress (after iteration N is committed, N + 1 at `started`), and its work files are
+`work/iter_NNNN/`. A state written before this convention (no `version` key) counted from 0
+and is converted when read (`_upgrade`), the only conversion there is; 0 is what comes
+before the first iteration (the base model's evaluation, the warm start).
+
 The file is ours alone: ART keeps its own `state.json` in the same model directory (`model.log`
 -> `merge_state` re-writes it, not atomically, with its metrics-builder state), so sharing it
 lost ART's cumulative metrics at our next write and put our resume state at the mercy of ART's
@@ -41,12 +48,15 @@ from pydantic import BaseModel, Field, ValidationError
 from loguru import logger
 
 from codreamer.config import Settings, resume_free_fields
-from codreamer.runs import RunFileError, read_json_file, write_json_atomic
+from codreamer.runs import RunFileError, read_json_file
+from codreamer.storage import write_json_atomic
 
 STATE_FILE = "codreamer_state.json"
 LEGACY_STATE_FILE = "state.json"
 """Where the state was kept before: ART's own state file (`art.Model.merge_state`)."""
 WORK_DIR = "work"
+STATE_VERSION = 2
+"""Version 1 (no `version` key) counted iterations from 0; read back, it is converted (`_upgrade`)."""
 
 Stage = Literal["started", "generated", "scored", "trained", "evaluated"]
 STAGE_ORDER: tuple[Stage, ...] = ("started", "generated", "scored", "trained", "evaluated")
@@ -64,13 +74,14 @@ class RunState(BaseModel):
     """What `codreamer_state.json` holds: the last completed stage of the iteration in progress."""
 
     run_id: str
-    iteration: int = Field(ge=0, description="0-based index of the iteration in progress.")
+    iteration: int = Field(ge=0, description="Number (from 1) of the iteration in progress: the next one after a commit.")
     stage: Stage
     step: int = Field(ge=0, description="The model step after the stage.")
     seed: int
     config_hash: str
     events_offset: int | None = Field(default=None, description="Bytes of the event log read so far.")
     updated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    version: int = Field(default=STATE_VERSION, description="2: iterations numbered from 1 (1: from 0).")
 
     def reached(self, stage: Stage) -> bool:
         return stage_reached(self.stage, stage)
@@ -110,12 +121,19 @@ def load_state(run_dir: Path) -> RunState | None:
         return _migrate_legacy_state(run_dir)
     remedy = "delete it to restart the interrupted iteration from the history"
     try:
-        return RunState.model_validate(read_json_file(path, "the resume state", remedy))
+        return RunState.model_validate(_upgrade(read_json_file(path, "the resume state", remedy)))
     except RunFileError as exc:
         raise RunStateError(str(exc)) from None
     except ValidationError as exc:  # written atomically, so only a hand edit gets here
         problem = "; ".join(f"field {'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors(include_url=False))
         raise RunStateError(f"{path}: the resume state is invalid ({problem}); {remedy}") from None
+
+
+def _upgrade(data: Any) -> Any:
+    """A state of version 1 (iterations from 0) as version 2 (from 1): the one conversion there is."""
+    if isinstance(data, dict) and "version" not in data and isinstance(data.get("iteration"), int):
+        return {**data, "iteration": data["iteration"] + 1, "version": STATE_VERSION}
+    return data
 
 
 def set_aside_broken_art_state(run_dir: Path) -> Path | None:
@@ -166,7 +184,7 @@ def _migrate_legacy_state(run_dir: Path) -> RunState | None:
     if not isinstance(data, dict) or not required <= data.keys():
         return None
     try:
-        state = RunState.model_validate({k: v for k, v in data.items() if k in ours})
+        state = RunState.model_validate(_upgrade({k: v for k, v in data.items() if k in ours}))
     except ValueError:
         return None
     save_state(run_dir, state)
@@ -187,7 +205,8 @@ def save_state(run_dir: Path, state: RunState) -> None:
 
 
 def work_dir(run_dir: Path, iteration: int) -> Path:
-    return run_dir / WORK_DIR / f"iter_{iteration + 1:04d}"
+    """The work files of iteration number `iteration` (from 1; version 1 states named them the same)."""
+    return run_dir / WORK_DIR / f"iter_{iteration:04d}"
 
 
 def clear_work(run_dir: Path, keep_iteration: int | None = None) -> None:
