@@ -36,7 +36,7 @@ def _run_dir(runs: Path, run_id: str) -> Path:
     return runs / "codreamer" / "models" / run_id
 
 
-def test_learn_loop_runs_an_iteration_then_resumes_by_run_id(tmp_path: Path) -> None:
+def test_learn_loop_runs_an_iteration_then_resumes_by_run_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flags = [*FAST_FLAGS, "--runs-dir", str(tmp_path), "--run-id", "it-test"]
     assert learn_loop_main([*flags, "--iterations", "1"]) == 0
 
@@ -61,6 +61,13 @@ def test_learn_loop_runs_an_iteration_then_resumes_by_run_id(tmp_path: Path) -> 
     assert [r["step"] for r in records] == [1, 2]
     assert (directory / "checkpoints" / "0002").is_dir()
     assert codreamer_main(["--runs-dir", str(tmp_path), "show", "it-test"]) == 0
+
+    # The trace counts iterations as the history does: `--iteration N` is the record with "iteration": N.
+    for number in (1, 2):
+        capsys.readouterr()
+        assert codreamer_main(["--runs-dir", str(tmp_path), "trace", "it-test", "--iteration", str(number)]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith("run_iteration") and first.endswith(f"iteration {number}"), first
 
 
 def test_train_runs_max_steps(tmp_path: Path) -> None:
