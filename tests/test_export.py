@@ -7,6 +7,7 @@ answer is the policy's own greedy sample.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +97,24 @@ def test_a_missing_step_or_an_existing_output_is_refused(
         export_checkpoint(run, tmp_path / "taken", cache_dir=CACHE)
     with pytest.raises(ExportError, match="no checkpoints"):
         export_checkpoint(tmp_path, tmp_path / "y", cache_dir=CACHE)
+
+
+def test_codreamer_export_writes_the_latest_step_and_refuses_to_overwrite(
+    trained_run: tuple[Path, list[int], list[int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from codreamer.cli import codreamer_main
+
+    run, _, _ = trained_run
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(run, runs_dir / "codreamer" / "models" / "r1")
+    (runs_dir / "codreamer" / "models" / "r1" / "run.json").write_text('{"run_id": "r1", "status": "finished"}')
+    assert codreamer_main(["--runs-dir", str(runs_dir), "export", "r1"]) == 0
+    written = runs_dir / "codreamer" / "models" / "r1" / "exports" / "step-0003"
+    assert (written / "adapter_config.json").is_file()
+    assert f"exported step 3 of r1 as a PEFT adapter: {written}" in capsys.readouterr().out
+    assert codreamer_main(["--runs-dir", str(runs_dir), "export", "r1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert codreamer_main(["--runs-dir", str(runs_dir), "export", "r1", "--step", "9"]) == 2
+    assert "step 9 is not on disk" in capsys.readouterr().err
+    assert codreamer_main(["--runs-dir", str(runs_dir), "export", "nope"]) == 2
+    assert codreamer_main(["--runs-dir", str(runs_dir), "export", "../r1"]) == 2

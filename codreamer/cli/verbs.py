@@ -3,8 +3,7 @@
 A verb's fields are its own flags and positional arguments (pydantic-settings builds the
 parser and `--help` from them); `run` does the work with the `Settings` read from the
 environment and `.env` (`--runs-dir` before the verb overrides where runs are). Adding a verb
-is one model with a `run` method and one line in `VERBS`. The name `export` is reserved for
-`codreamer export RUN_ID [--step N] [--merged]`.
+is one model with a `run` method and one line in `VERBS`.
 """
 
 from __future__ import annotations
@@ -134,8 +133,8 @@ class Trace(Verb):
             print(f"no trace recorded in {path}")
             return 0
 
-        def wanted(root: dict) -> bool:  # run_iteration records its 0-based index; users count from 1
-            return self.iteration is None or root["inputs"].get("iteration") == self.iteration - 1
+        def wanted(root: dict) -> bool:  # iterations are numbered from 1 everywhere
+            return self.iteration is None or root["inputs"].get("iteration") == self.iteration
 
         print(format_tree(spans, wanted) or f"no iteration {self.iteration} in the trace")
         return 0
@@ -184,5 +183,35 @@ class Analyze(Verb):
         return cmd_analyze(models_root(settings), self.run_id, self.last, AnalyzerJudgeConfig.from_settings(settings))
 
 
+class Export(Verb):
+    """Write a run's checkpoint as a PEFT adapter folder, or a merged transformers model (--merged)."""
+
+    name = "export"
+    run_id: CliPositionalArg[str] = Field(description="the run")
+    step: int | None = Field(default=None, ge=1, description="the step to export; unset: the latest on disk")
+    merged: bool = Field(default=False, description="merge the adapter into the base model (a plain transformers folder)")
+    output: Path | None = Field(
+        default=None, description="a folder that does not exist yet; unset: <run dir>/exports/step-NNNN[-merged]"
+    )
+
+    def run(self, settings: Settings) -> int:
+        """Embedded-backend runs only: their checkpoints are LoRA adapters of the embedded base model."""
+        from codreamer.backends.embedded.export import ExportError, export_checkpoint, latest_step
+
+        path = _find_run(settings, self.run_id)
+        if path is None:
+            return 2
+        try:
+            step = self.step if self.step is not None else latest_step(path)
+            output = self.output or path / "exports" / f"step-{step:04d}{'-merged' if self.merged else ''}"
+            result = export_checkpoint(path, output, step=step, merged=self.merged, cache_dir=settings.model_cache_dir)
+        except ExportError as exc:
+            print(f"codreamer export: {exc}", file=sys.stderr)
+            return 2
+        kind = "merged transformers model" if result.merged else "PEFT adapter"
+        print(f"exported step {result.step} of {self.run_id} as a {kind}: {result.output}")
+        return 0
+
+
 #: The verbs, in the order `codreamer --help` lists them (after `learn-loop` and `train`).
-VERBS: dict[str, type[Verb]] = {verb.name: verb for verb in (Runs, Show, Report, Trace, Ingest, ServeEvents, Analyze)}
+VERBS: dict[str, type[Verb]] = {verb.name: verb for verb in (Runs, Show, Report, Trace, Ingest, ServeEvents, Analyze, Export)}

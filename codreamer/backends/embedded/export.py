@@ -44,6 +44,11 @@ class ExportResult:
     merged: bool
 
 
+def latest_step(run_directory: Path) -> int:
+    """The newest step with a checkpoint folder in the run (ExportError when there is none)."""
+    return _step_folder(run_directory, None)[0]
+
+
 def _step_folder(run_directory: Path, step: int | None) -> tuple[int, Path]:
     root = run_directory / "checkpoints"
     steps = steps_in(root)
