@@ -74,7 +74,9 @@ def checkpoint_steps(checkpoint_dir: Path) -> list[int]:
 
 def _best_step(steps: Iterable[int], scores: Mapping[int, float]) -> int | None:
     """Highest finite score among `steps`; a tie goes to the newest step (more training, same reward)."""
-    scored = [(float(scores[s]), s) for s in steps if s in scores and scores[s] is not None and math.isfinite(scores[s])]
+    scored = [
+        (float(scores[s]), s) for s in steps if s in scores and scores[s] is not None and math.isfinite(scores[s])
+    ]
     return max(scored)[1] if scored else None
 
 
@@ -172,7 +174,7 @@ async def prune_through_backend(
         return None
     latest = await model.get_step()
     keep = retained_steps(range(latest + 1), scores, keep_last=keep_last, keep_best=keep_best, protect=protect)
-    await backend._delete_checkpoint_files(model, sorted(keep))
+    await backend._delete_checkpoint_files(model, sorted(keep))  # noqa: SLF001 - what ART's model.delete_checkpoints calls
     logger.info("pruned checkpoints through the {} (kept steps {})", type(backend).__name__, sorted(keep))
     return sorted(keep)
 

@@ -158,7 +158,9 @@ def test_the_loop_prunes_art_backends_through_them_and_embedded_folders_itself(t
     assert checkpoint_steps(run.directory / "checkpoints") == [2, 5] and run.backend.kept_calls == []
 
 
-def test_a_failed_deletion_is_a_warning_and_the_next_pruning_tries_again(tmp_path: Path, warnings_seen: list[str]) -> None:
+def test_a_failed_deletion_is_a_warning_and_the_next_pruning_tries_again(
+    tmp_path: Path, warnings_seen: list[str]
+) -> None:
     backend = HostedBackend([1, 2, 3], fail=True)
     asyncio.run(prune_run_checkpoints(_run(tmp_path, "serverless", backend, HostedModel(3))))  # no exception escapes
     assert any("could not prune checkpoints" in w and "W&B is unreachable" in w for w in warnings_seen)
@@ -166,7 +168,10 @@ def test_a_failed_deletion_is_a_warning_and_the_next_pruning_tries_again(tmp_pat
     backend.fail = False
     asyncio.run(prune_run_checkpoints(_run(tmp_path, "serverless", backend, HostedModel(3))))
     assert backend.steps == {2, 3}  # the best (step 2 scored 0.9) and the latest
-    assert asyncio.run(prune_run_checkpoints(_run(tmp_path, "serverless", backend, HostedModel(3), keep_last="all"))) is None
+    assert (
+        asyncio.run(prune_run_checkpoints(_run(tmp_path, "serverless", backend, HostedModel(3), keep_last="all")))
+        is None
+    )
     assert len(backend.kept_calls) == 2  # `--keep-last all`: the backend is not asked
 
 

@@ -76,10 +76,15 @@ def test_degenerate_inputs() -> None:
 
 @pytest.mark.parametrize(
     ("values", "kwargs"),
-    [([0.1, float("nan")], {}), ([0.1, 0.2], {"confidence": 1.0}), ([0.1, 0.2], {"confidence": 0.0}), ([0.1, 0.2], {"samples": 0})],
+    [
+        ([0.1, float("nan")], {}),
+        ([0.1, 0.2], {"confidence": 1.0}),
+        ([0.1, 0.2], {"confidence": 0.0}),
+        ([0.1, 0.2], {"samples": 0}),
+    ],
 )
 def test_bad_inputs_are_refused(values: list[float], kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be"):
         bootstrap_ci(values, **kwargs)
 
 
@@ -96,9 +101,9 @@ def test_eval_seeds_are_fixed_and_independent_of_position() -> None:
 
 
 def test_eval_seeds_refuse_bad_input() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unique"):
         eval_seeds(["a", "a"], 1, seed=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="samples must be >= 1"):
         eval_seeds(["a"], 0, seed=0)
 
 
@@ -122,7 +127,11 @@ def group(prospect: str, *trajectories: art.Trajectory, exceptions: int = 0) -> 
 
 def sample_groups(shift: float = 0.0) -> list[art.TrajectoryGroup]:
     return [
-        group("p1", traj(0.2 + shift, 11, rubric__length=1.0, reward__rubric=0.2), traj(0.4 + shift, 12, rubric__length=0.5, reward__rubric=0.4)),
+        group(
+            "p1",
+            traj(0.2 + shift, 11, rubric__length=1.0, reward__rubric=0.2),
+            traj(0.4 + shift, 12, rubric__length=0.5, reward__rubric=0.4),
+        ),
         group("p2", traj(0.6 + shift, 21, rubric__length=0.0, reward__rubric=0.6), exceptions=1),
     ]
 
@@ -213,7 +222,9 @@ def anyio_backend() -> str:
 
 
 def _scenario(pid: str) -> Scenario:
-    company = Company(name="Acme", industry="logistics", employees=50, headquarters="Oslo", recent_news="News.", tech_stack=[])
+    company = Company(
+        name="Acme", industry="logistics", employees=50, headquarters="Oslo", recent_news="News.", tech_stack=[]
+    )
     prospect = Prospect(
         prospect_id=pid,
         first_name="Ana",
@@ -250,5 +261,9 @@ async def test_generate_uses_the_fixed_seeds() -> None:
     expected = eval_seeds(["s-p001", "s-p002"], 2, seed=4)
     assert sent == sorted(s for *_, s in expected)
     assert [g.metadata["prospect_id"] for g in groups] == ["p001", "p002"]
-    got = {(t.metadata["scenario_id"], t.metadata["sample_index"], t.metadata["seed"]) for g in groups for t in g.trajectories}
+    got = {
+        (t.metadata["scenario_id"], t.metadata["sample_index"], t.metadata["seed"])
+        for g in groups
+        for t in g.trajectories
+    }
     assert got == set(expected)

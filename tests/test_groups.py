@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import art
 import pytest
+from loopback import Call, LoopbackOpenAI
 
 from codreamer.agent.rollout import RolloutConfig
 from codreamer.config import Settings
@@ -17,7 +18,6 @@ from codreamer.data import load_task_data
 from codreamer.pipeline.evaluation import generate_eval_groups
 from codreamer.pipeline.fanout import RolloutJob, fan_out_rollouts
 from codreamer.pipeline.stages import RolloutPlan, generate_trajectories
-from loopback import Call, LoopbackOpenAI
 
 FINAL = {"subject": "A quick idea", "body": "Hi there, a short note. Best, Sam"}
 CONFIG = RolloutConfig(max_turns=1, request_timeout_s=30, inference_attempts=1, retry_initial_s=0.0, retry_max_s=0.0)
@@ -29,7 +29,9 @@ def anyio_backend() -> str:
 
 
 def _model(server: LoopbackOpenAI) -> art.Model:
-    return art.Model(name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t")
+    return art.Model(
+        name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t"
+    )
 
 
 def _prospect_in_prompt(trajectory: art.Trajectory) -> str:

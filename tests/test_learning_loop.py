@@ -20,13 +20,20 @@ from codreamer.pipeline.history import read_history
 pytestmark = pytest.mark.slow
 
 FAST_FLAGS = [
-    "--group-size", "3",
-    "--scenarios-per-step", "1",
-    "--max-turns", "1",
-    "--max-tokens", "12",
-    "--eval-scenarios", "1",
-    "--eval-samples", "1",
-    "--warm-start", "off",
+    "--group-size",
+    "3",
+    "--scenarios-per-step",
+    "1",
+    "--max-turns",
+    "1",
+    "--max-tokens",
+    "12",
+    "--eval-scenarios",
+    "1",
+    "--eval-samples",
+    "1",
+    "--warm-start",
+    "off",
     "--no-eval-before-train",
     "--no-wandb",
 ]
@@ -36,7 +43,9 @@ def _run_dir(runs: Path, run_id: str) -> Path:
     return runs / "codreamer" / "models" / run_id
 
 
-def test_learn_loop_runs_an_iteration_then_resumes_by_run_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_learn_loop_runs_an_iteration_then_resumes_by_run_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     flags = [*FAST_FLAGS, "--runs-dir", str(tmp_path), "--run-id", "it-test"]
     assert learn_loop_main([*flags, "--iterations", "1"]) == 0
 
@@ -78,7 +87,7 @@ def test_train_runs_max_steps(tmp_path: Path) -> None:
     assert "eval/reward_mean" in records[0]  # the last step is evaluated
 
 
-@pytest.mark.parametrize("entry, command", [(learn_loop_main, "learn-loop"), (train_main, "train")])
+@pytest.mark.parametrize(("entry", "command"), [(learn_loop_main, "learn-loop"), (train_main, "train")])
 def test_help_documents_every_flag(entry, command, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         entry(["--help"])
@@ -108,7 +117,11 @@ def test_warm_start_then_rl_with_base_and_warm_start_evaluations(tmp_path: Path)
     directory = _run_dir(tmp_path, "warm")
     warm = json.loads((directory / "warm_start.json").read_text())
     assert warm["step"] == 1 and warm["demos"] == 2 and len(warm["losses"]) == 1
-    assert sorted(p.name for p in (directory / "evals").iterdir()) == ["step_0000.json", "step_0001.json", "step_0002.json"]
+    assert sorted(p.name for p in (directory / "evals").iterdir()) == [
+        "step_0000.json",
+        "step_0001.json",
+        "step_0002.json",
+    ]
     records, _ = read_history(directory / "iterations.jsonl")
     assert [r["step"] for r in records] == [2]
     assert "eval/behaviour/self_finalized" in records[0] and "train/behaviour/looked_up" in records[0]

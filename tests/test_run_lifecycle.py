@@ -81,7 +81,9 @@ def _settings(tmp_path: Path, **values: Any) -> Settings:
     return Settings(_env_file=None, **(base | values))  # type: ignore[call-arg]
 
 
-def test_iterations_are_numbered_from_1_and_a_resume_continues_after_the_last(tmp_path: Path, events: list[Any]) -> None:
+def test_iterations_are_numbered_from_1_and_a_resume_continues_after_the_last(
+    tmp_path: Path, events: list[Any]
+) -> None:
     settings = _settings(tmp_path, eval_every=2)
     records = asyncio.run(loop.run_learning_loop(1, "numbers", settings))
     assert [r["iteration"] for r in records] == [1]
@@ -110,7 +112,9 @@ def test_tracking_is_started_once_per_run_before_the_loops_op(tmp_path: Path, ev
     assert events[0][1].closed
 
 
-def test_run_training_loads_the_task_once_and_runs_its_steps(tmp_path: Path, events: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_training_loads_the_task_once_and_runs_its_steps(
+    tmp_path: Path, events: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     loads: list[Path] = []
     real_load = run_module.load_task_data
     monkeypatch.setattr(run_module, "load_task_data", lambda folder: loads.append(folder) or real_load(folder))

@@ -20,7 +20,6 @@ import pytest
 from pydantic import BaseModel, SecretStr
 
 import codreamer.tracking as tracking
-from codreamer.tracking import process
 from codreamer.config import Settings
 from codreamer.tracking import (
     TRACKING_FILE,
@@ -29,6 +28,7 @@ from codreamer.tracking import (
     compact_payload,
     init_tracking,
     metrics_for_wandb,
+    process,
     wandb_run_id,
 )
 
@@ -221,7 +221,9 @@ def test_traces_keep_no_token_ids_logprobs_or_secrets() -> None:
     assert out["prompt_token_ids"] == "<omitted>" and out["scores"] == "<200 numbers omitted>"
     assert out["body"].endswith("<9000 chars>") and len(out["body"]) < 4100
     assert len(choice.logprobs) == 300  # the original is untouched
-    inputs = compact_inputs({"judge": _Config(model="m", api_key=SecretStr("sk-1")), "api_key": "sk-2", "client": object()})
+    inputs = compact_inputs(
+        {"judge": _Config(model="m", api_key=SecretStr("sk-1")), "api_key": "sk-2", "client": object()}
+    )
     assert inputs == {"judge": {"model": "m", "api_key": "***"}, "api_key": "***", "client": "<object>"}
     assert "sk-" not in json.dumps(inputs)
 
@@ -255,7 +257,9 @@ def test_online_with_a_key_starts_wandb_then_weave_with_its_write_ahead_log(tmp_
     assert KEY.get_secret_value() not in json.dumps(kwargs, default=str)
     [(project, post_inputs, post_output)] = weave.inits
     assert project == "team-x/codreamer" and post_inputs is compact_inputs and post_output is compact_payload
-    assert weave.env_at_init["WEAVE_ENABLE_WAL"] == "true" and weave.env_at_init["WANDB_API_KEY"] == KEY.get_secret_value()
+    assert (
+        weave.env_at_init["WEAVE_ENABLE_WAL"] == "true" and weave.env_at_init["WANDB_API_KEY"] == KEY.get_secret_value()
+    )
     assert weave.env_at_init["WEAVE_DISABLED"] is None
 
     logged = session.log_metrics({"train/reward_mean": 0.5, "step": 3, "run_id": "run-1"}, step=3)
@@ -442,8 +446,15 @@ def _history(records: list[Any]) -> dict[int, dict[str, str]]:
 
 def test_offline_run_without_a_key_never_prompts_and_keeps_metrics_and_tables(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith(("WANDB_", "WEAVE_"))}
-    env |= {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "cfg"), "WANDB_CACHE_DIR": str(tmp_path / "cache")}
-    env |= {"CODREAMER_JUDGE_API_KEY": "env-sentinel-judge-key", "CODREAMER_EVENTS_SECRET": "env-sentinel-events-secret"}
+    env |= {
+        "HOME": str(tmp_path),
+        "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    env |= {
+        "CODREAMER_JUDGE_API_KEY": "env-sentinel-judge-key",
+        "CODREAMER_EVENTS_SECRET": "env-sentinel-events-secret",
+    }
     done = subprocess.run(
         [sys.executable, "-c", ENTRY, str(tmp_path / "runs"), "auto", "--argv-sentinel-secret"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,

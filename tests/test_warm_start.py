@@ -109,7 +109,9 @@ def test_sft_trains_exactly_the_assistant_turns_with_their_end_of_turn_token(tok
 def test_sft_refuses_a_conversation_without_assistant_turns(tokenizer) -> None:
     demo = TemplateDemoWriter(TASK.product).episode(TASK.train[0])
     with pytest.raises(SFTDataError, match="no assistant turn"):
-        sft_sequence(demo.messages_and_choices[:2], demo.tools, tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        sft_sequence(
+            demo.messages_and_choices[:2], demo.tools, tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>")
+        )
 
 
 @pytest.mark.slow
@@ -120,7 +122,12 @@ async def test_train_sft_through_arts_api_lowers_the_demo_loss_and_checkpoints(t
     settings = Settings(runs_dir=tmp_path, wandb=False, torch_threads=2)
     backend = create_backend(settings)
     model = art.TrainableModel(
-        name="sft", project="p", run_name="sft", base_model=settings.base_model, base_path=str(tmp_path), report_metrics=[]
+        name="sft",
+        project="p",
+        run_name="sft",
+        base_model=settings.base_model,
+        base_path=str(tmp_path),
+        report_metrics=[],
     )
     await model.register(backend)
     demos = demonstrations(TASK.product, TASK.train, 2, seed=0)

@@ -357,7 +357,15 @@ def _paired_differences(current: EvalSummary, other: EvalSummary) -> list[float]
 
 def _versus(current: EvalSummary, other: EvalSummary | None) -> dict[str, Any]:
     if other is None:
-        return {"step": None, "delta": None, "ci_overlap": None, "paired_n": 0, "delta_ci": None, "parts": {}, "prospects": {}}
+        return {
+            "step": None,
+            "delta": None,
+            "ci_overlap": None,
+            "paired_n": 0,
+            "delta_ci": None,
+            "parts": {},
+            "prospects": {},
+        }
     mine, theirs = current.reward, other.reward
     delta = None if mine is None or theirs is None else mine.mean - theirs.mean
     pairs = _paired_differences(current, other)
@@ -373,7 +381,9 @@ def _versus(current: EvalSummary, other: EvalSummary | None) -> dict[str, Any]:
         "ci_overlap": _overlap(mine, theirs),
         "paired_n": len(pairs),
         "delta_ci": None if math.isnan(low) else (low, high),
-        "parts": {name: stats.mean - other.parts[name].mean for name, stats in current.parts.items() if name in other.parts},
+        "parts": {
+            name: stats.mean - other.parts[name].mean for name, stats in current.parts.items() if name in other.parts
+        },
         "prospects": prospects,
     }
 
@@ -446,7 +456,11 @@ def eval_record(summary: EvalSummary, comparison: dict[str, Any] | None = None) 
     record |= {f"eval/behaviour/{name}": value for name, value in summary.behaviour.items()}
     for name, stats in summary.parts.items():
         if name != TOTAL:
-            record |= {f"eval/{name}": stats.mean, f"eval/{name}_ci_low": stats.ci_low, f"eval/{name}_ci_high": stats.ci_high}
+            record |= {
+                f"eval/{name}": stats.mean,
+                f"eval/{name}_ci_low": stats.ci_low,
+                f"eval/{name}_ci_high": stats.ci_high,
+            }
     if comparison is not None:
         for key in ("delta_prev", "delta_base", "ci_overlap_prev", "ci_overlap_base"):
             record[f"eval/{key}"] = comparison.get(key)

@@ -22,14 +22,28 @@ from codreamer.backends.factory import train_options
 from codreamer.checkpoints import prune_checkpoints, prune_through_backend
 from codreamer.domain import Scenario
 from codreamer.local_trace import traced
-from codreamer.pipeline.evaluation import EvalSummary, compare_evaluations, eval_path, eval_record, load_evaluations, store_evaluation
+from codreamer.pipeline.evaluation import (
+    EvalSummary,
+    compare_evaluations,
+    eval_path,
+    eval_record,
+    load_evaluations,
+    store_evaluation,
+)
 from codreamer.pipeline.fanout import RolloutFailuresError
 from codreamer.pipeline.history import append_record
 from codreamer.pipeline.progress import Progress, state_of, timed_stage
 from codreamer.pipeline.records import iteration_record
 from codreamer.pipeline.run import Run
 from codreamer.pipeline.scenarios import scenarios_for_iteration
-from codreamer.pipeline.stages import RewardStats, evaluate, generate_trajectories, grpo_update, log_rewards_metrics, score_trajectories
+from codreamer.pipeline.stages import (
+    RewardStats,
+    evaluate,
+    generate_trajectories,
+    grpo_update,
+    log_rewards_metrics,
+    score_trajectories,
+)
 from codreamer.pipeline.state import clear_work, dump_groups, load_groups, load_work, save_state
 from codreamer.retry import RetryPolicy
 from codreamer.rewards.scoring import ScoringSummary
@@ -93,7 +107,11 @@ async def _generate_and_score(
 async def _train(run: Run, progress: Progress, groups: list[art.TrajectoryGroup]) -> TrainOutcome:
     if progress.done("trained"):
         saved = progress.load("train")
-        logger.info("iteration {} was trained before the interruption (step {}); not training it again", progress.iteration, saved["step"])
+        logger.info(
+            "iteration {} was trained before the interruption (step {}); not training it again",
+            progress.iteration,
+            saved["step"],
+        )
         return TrainOutcome(int(saved["step"]), saved["metrics"])
     settings = run.settings
     work = grpo_update(
@@ -157,17 +175,21 @@ async def prune_run_checkpoints(run: Run) -> None:
     """
     settings = run.settings
     scores = {s.step: s.reward.mean for s in load_evaluations(run.directory) if s.reward is not None}
-    policy = {"keep_last": settings.keep_last, "keep_best": settings.keep_best}
+    keep_last, keep_best = settings.keep_last, settings.keep_best
     if settings.backend == "embedded":
-        deleted = prune_checkpoints(run.directory / "checkpoints", scores, **policy)
+        deleted = prune_checkpoints(run.directory / "checkpoints", scores, keep_last=keep_last, keep_best=keep_best)
         if deleted:
             logger.debug("deleted checkpoints {} (keeping the latest and the best)", deleted)
         return
     protect = [] if settings.kl_penalty_reference_step is None else [settings.kl_penalty_reference_step]
     try:
-        await prune_through_backend(run.backend, run.model, scores, protect=protect, **policy)
+        await prune_through_backend(
+            run.backend, run.model, scores, keep_last=keep_last, keep_best=keep_best, protect=protect
+        )
     except Exception as exc:  # noqa: BLE001 - a failed deletion must not stop the run
-        logger.warning("could not prune checkpoints through the {}: {}: {}", type(run.backend).__name__, type(exc).__name__, exc)
+        logger.warning(
+            "could not prune checkpoints through the {}: {}: {}", type(run.backend).__name__, type(exc).__name__, exc
+        )
 
 
 def _commit(run: Run, iteration: int, step: int) -> None:
@@ -215,7 +237,17 @@ async def run_iteration(run: Run, iteration: int, evaluate_after: bool) -> dict[
     timings["log_s"] = time.perf_counter() - started
 
     record = iteration_record(
-        run, iteration, result.step, scenarios, groups, train_stats, scoring, result.metrics, eval_fields, timings, new_failures
+        run,
+        iteration,
+        result.step,
+        scenarios,
+        groups,
+        train_stats,
+        scoring,
+        result.metrics,
+        eval_fields,
+        timings,
+        new_failures,
     )
     append_record(run.history_path, record)
     _commit(run, iteration, result.step)

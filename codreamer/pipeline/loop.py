@@ -64,10 +64,14 @@ async def _training(run: Run, steps: int) -> list[dict[str, Any]]:
         return await _iterate(run, steps, evaluate_every=max(steps, 1))
 
 
-async def run_learning_loop(num_iters: int, run_id: str | None = None, settings: Settings | None = None) -> list[dict[str, Any]]:
+async def run_learning_loop(
+    num_iters: int, run_id: str | None = None, settings: Settings | None = None
+) -> list[dict[str, Any]]:
     """The continuous learning loop: `num_iters` iterations in total, evaluating every
     `eval_every` iterations (0: after the last only), after the base model and the warm start."""
-    settings = (settings or Settings()).model_copy(update={"iterations": num_iters, "run_id": run_id or (settings.run_id if settings else None)})
+    settings = (settings or Settings()).model_copy(
+        update={"iterations": num_iters, "run_id": run_id or (settings.run_id if settings else None)}
+    )
     async with open_run(settings, "learn-loop") as run:
         return await _learning_loop(run, num_iters, settings.eval_every or num_iters)
 
@@ -75,5 +79,7 @@ async def run_learning_loop(num_iters: int, run_id: str | None = None, settings:
 async def run_training(settings: Settings) -> list[dict[str, Any]]:
     """Plain training: `epochs` passes over the training scenarios (or `max_steps`), evaluating at the end."""
     async with open_run(settings, "train") as run:
-        steps = settings.max_steps or settings.epochs * iterations_per_epoch(len(run.task.train), settings.scenarios_per_step)
+        steps = settings.max_steps or settings.epochs * iterations_per_epoch(
+            len(run.task.train), settings.scenarios_per_step
+        )
         return await _training(run, steps)

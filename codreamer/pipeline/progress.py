@@ -13,21 +13,29 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from codreamer.pipeline.state import RunState, Stage, load_work, save_state, save_work, stage_reached
+from codreamer.pipeline.state import (
+    STATE_FILE,
+    RunState,
+    RunStateError,
+    Stage,
+    load_work,
+    save_state,
+    save_work,
+    stage_reached,
+    work_dir,
+)
 
 if TYPE_CHECKING:
     from codreamer.pipeline.run import Run
-
-T = TypeVar("T")
 
 
 class StageTimeoutError(TimeoutError):
     """A stage ran past its timeout from settings."""
 
 
-async def timed_stage(
+async def timed_stage[T](
     run: Run, name: str, timings: dict[str, float], work: Coroutine[Any, Any, T], *, iteration: int, step: int
 ) -> T:
     """Await one stage under its timeout (`<name>_timeout_s`); record a failure before raising."""
@@ -60,8 +68,13 @@ class Progress:
     def done(self, stage: Stage) -> bool:
         return self.resumed_stage is not None and stage_reached(self.resumed_stage, stage)
 
-    def load(self, name: str) -> Any | None:
-        return load_work(self.run.directory, self.iteration, name)
+    def load(self, name: str) -> Any:
+        """The work file `name` of a stage the resume state says is done."""
+        data = load_work(self.run.directory, self.iteration, name)
+        if data is None:
+            path = work_dir(self.run.directory, self.iteration) / f"{name}.json"
+            raise RunStateError(f"{path} is missing but the resume state says its stage is done; delete {STATE_FILE}")
+        return data
 
     def save(self, stage: Stage, model_step: int, **work: Any) -> None:
         for name, payload in work.items():

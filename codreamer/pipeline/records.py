@@ -89,7 +89,9 @@ def iteration_record(
 
 def progress_line(record: dict[str, Any], total: int) -> str:
     """`iter 2/3 step 3 reward ...` after each iteration."""
-    times = " ".join(f"{k.split('/')[1].removesuffix('_s')} {v:.1f}s" for k, v in record.items() if k.startswith("time/"))
+    times = " ".join(
+        f"{k.split('/')[1].removesuffix('_s')} {v:.1f}s" for k, v in record.items() if k.startswith("time/")
+    )
     line = (
         f"iter {record['iteration']}/{total} step {record['step']} "
         f"reward {record['train/reward_mean']:.3f}±{record['train/reward_std']:.3f} "

@@ -277,5 +277,5 @@ def _write_report(directory: Path) -> None:
         return
     try:
         write_run_report(directory)  # logs where it wrote
-    except Exception as exc:  # a report must never turn a finished run into a failed one
+    except Exception as exc:  # noqa: BLE001 - a report must never turn a finished run into a failed one
         logger.warning("could not write the run report: {}: {}", type(exc).__name__, exc)

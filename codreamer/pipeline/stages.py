@@ -14,15 +14,14 @@ from typing import Any
 
 import art
 import weave
-from loguru import logger
 
 from codreamer.agent.rollout import RolloutConfig
 from codreamer.backends.factory import train_options_of
 from codreamer.config import Settings
-from codreamer.local_trace import traced
 from codreamer.domain import Product, Scenario
-from codreamer.pipeline.fanout import RolloutJob, fan_out_rollouts
+from codreamer.local_trace import traced
 from codreamer.pipeline.evaluation import EvalSummary, generate_eval_groups, summarize_evaluation
+from codreamer.pipeline.fanout import RolloutJob, fan_out_rollouts
 from codreamer.retry import RetryPolicy, retrying
 from codreamer.rewards.scoring import RewardScorer, ScoringSummary
 
@@ -71,7 +70,8 @@ class RewardStats:
             return cls()
         part_names = sorted({k for t in trajectories for k in t.metrics if k.startswith(("rubric/", "reward/"))})
         parts = {
-            name: statistics.fmean(float(t.metrics[name]) for t in trajectories if name in t.metrics) for name in part_names
+            name: statistics.fmean(float(t.metrics[name]) for t in trajectories if name in t.metrics)
+            for name in part_names
         }
         return cls(
             count=len(rewards),
@@ -195,7 +195,12 @@ async def evaluate(
 @weave.op
 @traced
 async def log_rewards_metrics(
-    model: art.Model, train_groups: list[art.TrajectoryGroup], eval_groups: list[art.TrajectoryGroup], train_metrics: dict[str, float], *, step: int
+    model: art.Model,
+    train_groups: list[art.TrajectoryGroup],
+    eval_groups: list[art.TrajectoryGroup],
+    train_metrics: dict[str, float],
+    *,
+    step: int,
 ) -> None:
     """Hand the scored groups and training metrics to ART's logger (history.jsonl, W&B when set)."""
     if train_groups:

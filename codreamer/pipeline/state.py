@@ -42,10 +42,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import art
+from loguru import logger
 from openai.types.chat.chat_completion import Choice
 from pydantic import BaseModel, Field, ValidationError
-
-from loguru import logger
 
 from codreamer.config import Settings, resume_free_fields
 from codreamer.runs import RunFileError, read_json_file
@@ -74,7 +73,9 @@ class RunState(BaseModel):
     """What `codreamer_state.json` holds: the last completed stage of the iteration in progress."""
 
     run_id: str
-    iteration: int = Field(ge=0, description="Number (from 1) of the iteration in progress: the next one after a commit.")
+    iteration: int = Field(
+        ge=0, description="Number (from 1) of the iteration in progress: the next one after a commit."
+    )
     stage: Stage
     step: int = Field(ge=0, description="The model step after the stage.")
     seed: int
@@ -106,7 +107,9 @@ def config_hash(settings: Settings) -> str:
 def changed_settings(recorded: dict[str, Any], settings: Settings) -> dict[str, tuple[Any, Any]]:
     """`{name: (recorded, now)}` for fingerprint settings that differ from a run's `run.json`."""
     now = config_fingerprint(settings)
-    return {name: (recorded.get(name), value) for name, value in now.items() if name in recorded and recorded[name] != value}
+    return {
+        name: (recorded.get(name), value) for name, value in now.items() if name in recorded and recorded[name] != value
+    }
 
 
 def load_state(run_dir: Path) -> RunState | None:
@@ -125,7 +128,9 @@ def load_state(run_dir: Path) -> RunState | None:
     except RunFileError as exc:
         raise RunStateError(str(exc)) from None
     except ValidationError as exc:  # written atomically, so only a hand edit gets here
-        problem = "; ".join(f"field {'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors(include_url=False))
+        problem = "; ".join(
+            f"field {'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
         raise RunStateError(f"{path}: the resume state is invalid ({problem}); {remedy}") from None
 
 
@@ -159,7 +164,8 @@ def set_aside_broken_art_state(run_dir: Path) -> Path | None:
     os.replace(path, target)
     logger.warning(
         "{}: ART's state file is unreadable (a kill during ART's write?); moved to {}, ART restarts its cumulative metrics",
-        path, target.name,
+        path,
+        target.name,
     )
     return target
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+
 import art
 from art.utils.output_dirs import get_model_dir
 from loguru import logger
@@ -75,10 +76,14 @@ def _sft_losses(history: Path, step: int) -> list[float]:
     return losses
 
 
-async def run_warm_start(model: art.TrainableModel, settings: Settings, product: Product, train: list[Scenario]) -> WarmStartRecord:
+async def run_warm_start(
+    model: art.TrainableModel, settings: Settings, product: Product, train: list[Scenario]
+) -> WarmStartRecord:
     """SFT on `settings.warm_start_demos` demonstrations via `model.train_sft`; records and returns what it did."""
     demos = demonstrations(product, train, settings.warm_start_demos, settings.seed)
-    config = art.types.TrainSFTConfig(learning_rate=settings.warm_start_learning_rate, batch_size=settings.warm_start_batch_size)
+    config = art.types.TrainSFTConfig(
+        learning_rate=settings.warm_start_learning_rate, batch_size=settings.warm_start_batch_size
+    )
     logger.info(
         "warm start: SFT on {} TemplateDemoWriter demonstrations (training prospects), lr {:g}, {} per step",
         len(demos),

@@ -35,7 +35,11 @@ class RewardMixConfig(BaseModel):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RewardMixConfig:
-        return cls(rubric_weight=settings.rubric_weight, ruler_weight=settings.ruler_weight, online_weight=settings.online_weight)
+        return cls(
+            rubric_weight=settings.rubric_weight,
+            ruler_weight=settings.ruler_weight,
+            online_weight=settings.online_weight,
+        )
 
     @model_validator(mode="after")
     def _some_weight(self) -> RewardMixConfig:

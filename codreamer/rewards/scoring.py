@@ -26,13 +26,13 @@ import anyio
 import art
 import weave
 
+from codreamer.agent.rollout import email_from_trajectory
 from codreamer.domain import Product, Scenario
 from codreamer.events.models import OnlineOutcome
 from codreamer.local_trace import traced
 from codreamer.rewards.blend import OutcomeFlags, RewardMixConfig, compute_rewards
 from codreamer.rewards.rubric import RubricScore, score_email
 from codreamer.rewards.simulator import ProspectSimulator
-from codreamer.agent.rollout import email_from_trajectory
 
 
 class OutcomeStore(Protocol):
@@ -41,6 +41,11 @@ class OutcomeStore(Protocol):
     def append(self, outcomes: Sequence[OnlineOutcome]) -> int: ...
     def refresh(self) -> Any: ...
     def summaries(self, trajectory_ids: Sequence[str]) -> Mapping[str, Any]: ...
+    def save_index(self) -> Any: ...
+    @property
+    def offset(self) -> int:
+        """Bytes of the log read so far (kept in the resume state)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ outcomes from the email's rubric parts and the prospect's persona: a good subjec
 the open rate, personalisation, a clear ask and no invented facts raise the reply rate,
 and each persona weighs these differently (a busy executive punishes long emails, a
 skeptic punishes hype). Both pulls are scaled by the rubric's `email_form` gate: word salad
-or chatter gets only the persona's base rates, whatever its other parts say. Draws are seeded by (seed, trajectory id), so the same email in
-the same run always gets the same outcome. Outcomes are tagged `source="simulator"` in
-the event log; real outcomes replace it through `codreamer ingest` or the webhook.
+or chatter gets only the persona's base rates, whatever its other parts say. Draws are
+seeded by (seed, trajectory id), so the same email in the same run always gets the same
+outcome. Outcomes are tagged `source="simulator"` in the event log; real outcomes replace
+it through `codreamer ingest` or the webhook.
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ class WandbLibrary:
 class WeaveLibrary:
     """The real weave."""
 
-    def init(self, project: str, *, postprocess_inputs: Callable[..., Any], postprocess_output: Callable[..., Any]) -> None:
+    def init(
+        self, project: str, *, postprocess_inputs: Callable[..., Any], postprocess_output: Callable[..., Any]
+    ) -> None:
         import weave
 
         weave.init(project, postprocess_inputs=postprocess_inputs, postprocess_output=postprocess_output)
@@ -84,7 +86,9 @@ class WeaveLibrary:
 class NoWeave:
     """Weave that is not running: nothing to start, nothing to flush."""
 
-    def init(self, project: str, *, postprocess_inputs: Callable[..., Any], postprocess_output: Callable[..., Any]) -> None:
+    def init(
+        self, project: str, *, postprocess_inputs: Callable[..., Any], postprocess_output: Callable[..., Any]
+    ) -> None:
         return None
 
     def flush(self) -> None:

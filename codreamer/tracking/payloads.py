@@ -19,9 +19,15 @@ from codreamer.redaction import is_secret_name
 TOP_LEVEL_METRICS = frozenset({"iteration", "peak_rss_mb"})
 LARGE_KEYS = frozenset(
     {
-        "logprobs", "top_logprobs", "token_logprobs", "token_ids", "prompt_token_ids", "completion_token_ids",
-        "input_ids", "logits",
-    }  # fmt: skip
+        "logprobs",
+        "top_logprobs",
+        "token_logprobs",
+        "token_ids",
+        "prompt_token_ids",
+        "completion_token_ids",
+        "input_ids",
+        "logits",
+    }
 )
 MAX_TRACE_TEXT = 4000
 MAX_TRACE_ITEMS = 50

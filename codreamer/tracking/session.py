@@ -36,7 +36,7 @@ class TrackingSession:
     degraded: bool = False
     timeout_s: float = 10.0
     finished: bool = False
-    _weave_client: WeaveClient = field(default=NO_WEAVE, repr=False)
+    weave_client: WeaveClient = field(default=NO_WEAVE, repr=False)  # NO_WEAVE unless Weave started
 
     def log_metrics(self, record: Mapping[str, Any], step: int) -> dict[str, int | float]:
         """Log the numeric metrics of an iteration record at `step`; returns what was logged.
@@ -68,20 +68,22 @@ class TrackingSession:
             return
         self.finished = True
         if self.wandb_run is not None:
-            self._finish_wandb(status)
+            self._finish_wandb(self.wandb_run, status)
         self._flush_weave()  # NO_WEAVE when Weave is not running: nothing to flush
 
-    def _finish_wandb(self, status: str) -> None:
+    def _finish_wandb(self, run: Any, status: str) -> None:
         try:
-            self.wandb_run.summary["codreamer/status"] = status
-            self.wandb_run.finish(exit_code=0 if status == "finished" else 1)
+            run.summary["codreamer/status"] = status
+            run.finish(exit_code=0 if status == "finished" else 1)
         except Exception as exc:  # noqa: BLE001 - the run's files stay on disk for `wandb sync`
             logger.warning("W&B run did not finish cleanly ({}); `wandb sync` its directory", short(exc))
         if self.mode == "offline" and self.run_dir is not None:
-            logger.info("W&B offline run kept; upload it with: wandb sync {}/offline-run-*", self.run_dir / WANDB_SUBDIR)
+            logger.info(
+                "W&B offline run kept; upload it with: wandb sync {}/offline-run-*", self.run_dir / WANDB_SUBDIR
+            )
 
     def _flush_weave(self) -> None:
-        done, _, error = bounded(self._weave_client.flush, self.timeout_s, "weave-flush")
+        done, _, error = bounded(self.weave_client.flush, self.timeout_s, "weave-flush")
         if not done or error is not None:
             logger.warning(
                 "Weave traces not flushed ({}); its write-ahead log keeps them for the next online run",

@@ -114,7 +114,7 @@ def _open_online(
         return session
     session.weave_project, problem = _start_weave(settings, run, weave_client)
     if session.weave_project is not None:
-        session.weave, session._weave_client = True, weave_client
+        session.weave, session.weave_client = True, weave_client
     if problem:
         session.reason, session.degraded = f"{decision.reason}; Weave not started: {problem}", True
     return session
