@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    from loguru import Record
 
 CONSOLE_FORMAT = (
     "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> "
     "<cyan>{extra[run_id]}</cyan>{extra[iteration_tag]} {message}"
 )
-FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[run_id]}{extra[iteration_tag]} | {name}:{line} | {message}"
+FILE_FORMAT = (
+    "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[run_id]}{extra[iteration_tag]} | {name}:{line} | {message}"
+)
 
 
 _log_file: Path | None = None  # the run.log the current configuration writes to
@@ -29,7 +35,7 @@ def current_log_file() -> Path | None:
     return _log_file
 
 
-def _add_iteration_tag(record: dict) -> None:
+def _add_iteration_tag(record: Record) -> None:
     iteration = record["extra"].get("iteration")
     record["extra"]["iteration_tag"] = f" it{iteration}" if iteration is not None else ""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from codreamer.config import SAFE_NAME_PATTERN
 from codreamer.errors import UsageError
+
 _SAFE_NAME = re.compile(SAFE_NAME_PATTERN)
 
 

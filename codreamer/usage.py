@@ -170,9 +170,9 @@ class UsageLedger:
 
     def merge(self, other: UsageLedger) -> None:
         """Add `other`'s calls (as counted and priced there) to this ledger."""
-        with other._lock:  # noqa: SLF001 - same class
-            kinds = {k: _KindTotals(**vars(t)) for k, t in other._kinds.items()}  # noqa: SLF001
-            models = Counter(other._models)  # noqa: SLF001
+        with other._lock:
+            kinds = {k: _KindTotals(**vars(t)) for k, t in other._kinds.items()}
+            models = Counter(other._models)
         with self._lock:
             for kind, totals in kinds.items():
                 mine = self._kinds.setdefault(kind, _KindTotals())
@@ -319,7 +319,9 @@ class LLMCall:
         self._started = time.perf_counter()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.latency_s = time.perf_counter() - self._started
         if self._ledger is not None:
             self._ledger.record(

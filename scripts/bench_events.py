@@ -92,7 +92,11 @@ def write_log(path: Path, total: int) -> list[str]:
     size_mb = path.stat().st_size / 1e6
     return [
         row(f"generate {total:,} events (model_construct, not timed below)", f"{generate_s:.2f} s"),
-        row(f"write them: append in batches of 10,000 ({size_mb:,.0f} MB)", f"{write_s:.2f} s", f"{total / write_s:,.0f} ev/s"),
+        row(
+            f"write them: append in batches of 10,000 ({size_mb:,.0f} MB)",
+            f"{write_s:.2f} s",
+            f"{total / write_s:,.0f} ev/s",
+        ),
     ]
 
 

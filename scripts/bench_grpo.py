@@ -90,7 +90,9 @@ def bench_prompts(count: int, tokenizer: Any) -> list[str]:
     scenarios = [task.train[i % len(task.train)] for i in range(count)]
     return [
         tokenizer.apply_chat_template(
-            to_chatml_messages(initial_messages(s.prospect, task.product), TOOLS), add_generation_prompt=True, tokenize=False
+            to_chatml_messages(initial_messages(s.prospect, task.product), TOOLS),
+            add_generation_prompt=True,
+            tokenize=False,
         )
         for s in scenarios
     ]
@@ -111,16 +113,17 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------------------- our side
 def run_ours(args: argparse.Namespace) -> ChildResult:
     """Warm-up + `args.steps` steps of CoDreamer's embedded policy (sample, score, train)."""
-    from codreamer.backends.embedded.policy import Policy, TrainSequence
-    from codreamer.backends.embedded.policy import GRPOConfig
     from codreamer.backends.embedded.grpo import group_advantages
+    from codreamer.backends.embedded.policy import GRPOConfig, Policy, TrainSequence
 
     base, tokenizer, load_s = load_model(args.cache_dir)
     config = GRPOConfig(
         learning_rate=LEARNING_RATE, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, seed=args.seed
     )
     policy = Policy(base, tokenizer, config)
-    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in bench_prompts(args.steps + 1, tokenizer)]
+    prompts = [
+        tokenizer(text, add_special_tokens=False)["input_ids"] for text in bench_prompts(args.steps + 1, tokenizer)
+    ]
     result = ChildResult("ours", args.group_size, load_s=load_s)
 
     def step(index: int) -> float:
@@ -177,7 +180,9 @@ def run_trl(args: argparse.Namespace) -> ChildResult:
                 result.step_cpu_s.append(now[1] - self.last[1])
             self.last, self.step = now, self.step + 1
 
-        def on_log(self, _args: Any, state: Any, _control: Any, logs: dict[str, float] | None = None, **__: Any) -> None:
+        def on_log(
+            self, _args: Any, state: Any, _control: Any, logs: dict[str, float] | None = None, **__: Any
+        ) -> None:
             if logs and "completions/mean_length" in logs and state.global_step > 1:
                 result.completion_tokens.append(float(logs["completions/mean_length"]))
 
@@ -294,7 +299,9 @@ def summarise(results: list[ChildResult], group_sizes: Sequence[int]) -> list[di
                 "step_s_median": median([t for r in mine for t in r.step_s]),
                 "step_cpu_s_median": median([t for r in mine for t in r.step_cpu_s]),
                 "steps": sum(len(r.step_s) for r in mine),
-                "completion_tokens_mean": statistics.fmean([t for r in mine for t in r.completion_tokens] or [float("nan")]),
+                "completion_tokens_mean": statistics.fmean(
+                    [t for r in mine for t in r.completion_tokens] or [float("nan")]
+                ),
                 "peak_rss_mb_max": max((r.peak_rss_mb for r in mine), default=float("nan")),
                 "step_s_all": [round(t, 3) for r in mine for t in r.step_s],
             }
@@ -319,8 +326,10 @@ def pair_ratios(results: list[ChildResult]) -> list[float]:
 
 def print_table(rows: list[dict[str, Any]], threads: int) -> None:
     print(f"\nGRPO step on CPU ({threads} torch threads): generation + update, medians over measured steps")
-    print(f"{'G':>3} | {'ours s':>7} {'TRL s':>7} {'ours/TRL':>8} | {'ours cpu':>8} {'TRL cpu':>8} {'ratio':>6} | "
-          f"{'ours RSS':>9} {'TRL RSS':>9} | tokens ours/TRL")
+    print(
+        f"{'G':>3} | {'ours s':>7} {'TRL s':>7} {'ours/TRL':>8} | {'ours cpu':>8} {'TRL cpu':>8} {'ratio':>6} | "
+        f"{'ours RSS':>9} {'TRL RSS':>9} | tokens ours/TRL"
+    )
     for row in rows:
         ours, trl = row["ours"], row["trl"]
         print(
@@ -393,14 +402,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_child(impl, group_size, repeat, args)
         logger.info(
             "{} G={}: steps {} s, peak RSS {:.0f} MB ({:.0f} s in all)",
-            impl, group_size, [round(t, 2) for t in result.step_s], result.peak_rss_mb, time.perf_counter() - started,
+            impl,
+            group_size,
+            [round(t, 2) for t in result.step_s],
+            result.peak_rss_mb,
+            time.perf_counter() - started,
         )
         results.append(result)
     rows = summarise(results, args.group_sizes)
     print_table(rows, results[0].threads)
     ok = check_goal(rows)
     if args.json_out:
-        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": [asdict(r) for r in results], "summary": rows}
+        payload = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "results": [asdict(r) for r in results],
+            "summary": rows,
+        }
         args.json_out.write_text(json.dumps(payload, indent=2))
     return 0 if ok else 1
 

@@ -28,10 +28,14 @@ ENTRY = "from codreamer.cli import learn_loop_main; raise SystemExit(learn_loop_
 
 
 def _evals(run_dir: Path) -> dict[int, dict[str, Any]]:
-    return {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in sorted((run_dir / "evals").glob("step_*.json"))}
+    return {
+        int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in sorted((run_dir / "evals").glob("step_*.json"))
+    }
 
 
-def _paired(current: dict[str, Any], other: dict[str, Any], samples: int = 2000, seed: int = 0) -> tuple[float, float, float, int]:
+def _paired(
+    current: dict[str, Any], other: dict[str, Any], samples: int = 2000, seed: int = 0
+) -> tuple[float, float, float, int]:
     """Mean paired difference (same prospect and seed) and its percentile-bootstrap 95% CI."""
     import numpy as np
 
@@ -59,7 +63,19 @@ def _row(label: str, diff: tuple[float, float, float, int]) -> str:
 
 def run_seed(seed: int, extra: list[str]) -> None:
     runs = Path(tempfile.mkdtemp(prefix=f"bench-learning-{seed}-"))
-    command = [sys.executable, "-c", ENTRY, "--runs-dir", str(runs), "--run-id", f"seed{seed}", "--seed", str(seed), "--no-wandb", *extra]
+    command = [
+        sys.executable,
+        "-c",
+        ENTRY,
+        "--runs-dir",
+        str(runs),
+        "--run-id",
+        f"seed{seed}",
+        "--seed",
+        str(seed),
+        "--no-wandb",
+        *extra,
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
@@ -79,7 +95,8 @@ def run_seed(seed: int, extra: list[str]) -> None:
         print(
             f"    step {step:>2} {label:<10} reward {total.get('mean', float('nan')):.3f} "
             f"[{total.get('ci_low') or float('nan'):.3f}, {total.get('ci_high') or float('nan'):.3f}]  "
-            f"looked up {rates.get('looked_up', float('nan')):.0%}  self-finalised {rates.get('self_finalized', float('nan')):.0%}  "
+            f"looked up {rates.get('looked_up', float('nan')):.0%}  "
+            f"self-finalised {rates.get('self_finalized', float('nan')):.0%}  "
             f"auto-finalised {rates.get('auto_finalized', float('nan')):.0%}"
         )
     if base is not None:
@@ -89,7 +106,9 @@ def run_seed(seed: int, extra: list[str]) -> None:
             if final["step"] != warm["step"]:
                 print(_row("final - warm start (RL)", _paired(final, evals[warm["step"]])))
     if warm:
-        print(f"    warm start: {warm['demos']} demos, {warm['seconds']:.0f}s, loss {warm['losses'][:1]} -> {warm['losses'][-1:]}")
+        print(
+            f"    warm start: {warm['demos']} demos, {warm['seconds']:.0f}s, loss {warm['losses'][:1]} -> {warm['losses'][-1:]}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,9 +31,8 @@ SYSTEM_TOKENS, TOOL_RESULT_TOKENS = 300, 60
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from codreamer.backends.embedded.policy import Policy
+    from codreamer.backends.embedded.policy import GRPOConfig, Policy
     from codreamer.backends.embedded.weights import load_embedded_model
-    from codreamer.backends.embedded.policy import GRPOConfig
     from codreamer.config import Settings
 
     torch.set_num_threads(args.threads)
@@ -62,7 +61,9 @@ def run(args: argparse.Namespace) -> None:
             policy.prefix_store.max_bytes = args.store_mb * 2**20 if mode == "store" else 0
             policy.prefix_store.clear()
             first = policy.sample(first_turns, args.new_tokens, 1.0, seed=1)
-            second_turns = [p + s.token_ids + tokens(TOOL_RESULT_TOKENS) for p, s in zip(first_turns, first, strict=True)]
+            second_turns = [
+                p + s.token_ids + tokens(TOOL_RESULT_TOKENS) for p, s in zip(first_turns, first, strict=True)
+            ]
             spent.update(prefill=0.0, decode=0.0)
             started = time.perf_counter()
             policy.sample(second_turns, args.new_tokens, 1.0, seed=2)
@@ -70,10 +71,14 @@ def run(args: argparse.Namespace) -> None:
             results[mode].append((wall, spent["prefill"], spent["decode"], wall - spent["prefill"] - spent["decode"]))
 
     prompt = statistics.fmean(len(p) for p in second_turns)
-    print(f"\nSecond turn of {args.rows} rollouts (prompts ~{prompt:.0f} tokens, {args.new_tokens} new), medians of {args.repeats}:")
+    print(
+        f"\nSecond turn of {args.rows} rollouts (prompts ~{prompt:.0f} tokens, {args.new_tokens} new), medians of {args.repeats}:"
+    )
     for mode, rows in results.items():
         wall, prefill, decode, other = (statistics.median(column) for column in zip(*rows, strict=True))
-        print(f"  {mode:>8}: {wall:.2f} s; prefill {prefill:.2f} s, decoding {decode:.2f} s, other {other:.2f} s (medians each)")
+        print(
+            f"  {mode:>8}: {wall:.2f} s; prefill {prefill:.2f} s, decoding {decode:.2f} s, other {other:.2f} s (medians each)"
+        )
     ratio = statistics.median(r[0] for r in results["store"]) / statistics.median(r[0] for r in results["no store"])
     print(f"  store / no store (wall): {ratio:.2f}")
 

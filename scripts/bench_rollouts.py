@@ -47,7 +47,11 @@ WORDS = "freight audit invoices carriers savings team week call quick note".spli
 
 # ------------------------------------------------------------------- the chat server
 def _tool_call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    return {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:12]}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments)},
+    }
 
 
 def _reply(body: dict[str, Any], served: int) -> dict[str, Any]:
@@ -57,7 +61,10 @@ def _reply(body: dict[str, Any], served: int) -> dict[str, Any]:
         words = " ".join(WORDS[(served + i) % len(WORDS)] for i in range(12))
         call = _tool_call(
             "finalize_email",
-            {"subject": f"Invoice audits, note {served}", "body": f"Hi there, {words}. A 15-minute call next week? Sam"},
+            {
+                "subject": f"Invoice audits, note {served}",
+                "body": f"Hi there, {words}. A 15-minute call next week? Sam",
+            },
         )
     else:
         call = _tool_call("lookup_company", {})
@@ -179,7 +186,10 @@ async def run(args: argparse.Namespace) -> None:
     if not ready.wait(30):
         raise RuntimeError("the bench chat server did not start")
     model = art.Model(
-        name="bench", project="bench", inference_base_url=f"http://127.0.0.1:{port}/v1", inference_api_key="x",
+        name="bench",
+        project="bench",
+        inference_base_url=f"http://127.0.0.1:{port}/v1",
+        inference_api_key="x",
         inference_model_name="bench",
     )
 
@@ -189,7 +199,9 @@ async def run(args: argparse.Namespace) -> None:
 
     step = 0
 
-    async def generate(kind: InferenceClientKind, which: list[Any], size: int, concurrency: int) -> list[art.TrajectoryGroup]:
+    async def generate(
+        kind: InferenceClientKind, which: list[Any], size: int, concurrency: int
+    ) -> list[art.TrajectoryGroup]:
         nonlocal step
         step += 1
         groups = await generate_trajectories(model, which, plan(kind, size, concurrency), step=step, pbar_desc=None)
@@ -220,7 +232,9 @@ async def run(args: argparse.Namespace) -> None:
                 for kind in kinds:
                     calls_before, server_before = usage[0], usage[1]
                     with CallTimer(rollout_module, "request_messages") as messages_timer:
-                        _, cpu, groups = await timed(lambda k=kind: generate(k, scenarios, group_size, max(concurrencies)))
+                        _, cpu, groups = await timed(
+                            lambda k=kind: generate(k, scenarios, group_size, max(concurrencies))
+                        )
                     client_cpu[kind].append(cpu / rollouts)
                     server_cpu.append((usage[1] - server_before) / max(1.0, usage[0] - calls_before))
                 messages_cpu.append(messages_timer.cpu_s / rollouts)
@@ -228,7 +242,11 @@ async def run(args: argparse.Namespace) -> None:
                     lambda g=groups: score_trajectories(g, scenarios, scorer, step=step, emails_sent=True)
                 )
                 scoring_cpu.append(cpu / rollouts)
-                record = {"iteration": repeat + 1, "step": step, "rewards": [t.reward for g in groups for t in g.trajectories]}
+                record = {
+                    "iteration": repeat + 1,
+                    "step": step,
+                    "rewards": [t.reward for g in groups for t in g.trajectories],
+                }
                 started = time.process_time()
                 append_record(work / "iterations.jsonl", record)
                 history_cpu.append(time.process_time() - started)
@@ -253,10 +271,18 @@ async def run(args: argparse.Namespace) -> None:
         print(f"  direct / openai at concurrency {concurrency}: {ratio:.2f}")
     print(f"Orchestrator CPU per trajectory ({rollouts} trajectories, server answering at once):")
     for kind in kinds:
-        print(f"  rollout, {kind} client (prompt, HTTP client, tools, trajectory, trace): {median(client_cpu[kind]) * 1e6:.0f} us")
-    print(f"    of which request_messages (request messages per turn):                {median(messages_cpu) * 1e6:.0f} us")
-    print(f"  (not ours: the bench server's CPU per call, on the other core:           {median(server_cpu) * 1e6:.0f} us)")
-    print(f"  scoring (rubric + simulator + event log + blend):                        {median(scoring_cpu) * 1e6:.0f} us")
+        print(
+            f"  rollout, {kind} client (prompt, HTTP client, tools, trajectory, trace): {median(client_cpu[kind]) * 1e6:.0f} us"
+        )
+    print(
+        f"    of which request_messages (request messages per turn):                {median(messages_cpu) * 1e6:.0f} us"
+    )
+    print(
+        f"  (not ours: the bench server's CPU per call, on the other core:           {median(server_cpu) * 1e6:.0f} us)"
+    )
+    print(
+        f"  scoring (rubric + simulator + event log + blend):                        {median(scoring_cpu) * 1e6:.0f} us"
+    )
     print(
         f"  history record (one per iteration): {median(history_cpu) * 1e6:.0f} us "
         f"= {median(history_cpu) / rollouts * 1e6:.1f} us per trajectory"
@@ -267,7 +293,9 @@ async def run(args: argparse.Namespace) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency-ms", type=float, default=50.0)
-    parser.add_argument("--rollouts", type=int, default=64, help="Rollouts of the concurrent run (rounded to whole groups).")
+    parser.add_argument(
+        "--rollouts", type=int, default=64, help="Rollouts of the concurrent run (rounded to whole groups)."
+    )
     parser.add_argument("--concurrency", type=int, nargs="*", help="Limits to try (default: Settings' and --rollouts).")
     parser.add_argument("--repeats", type=int, default=5)
     return parser.parse_args(argv)

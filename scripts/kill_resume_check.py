@@ -44,7 +44,9 @@ def _command(runs: Path, run_id: str, iterations: int, seed: int, extra: list[st
 def _run(command: list[str], log: Path, kill_after_s: float | None = None) -> tuple[int, float]:
     started = time.monotonic()
     with log.open("ab") as out:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env={**os.environ, "WANDB_MODE": "disabled"})
+        child = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env={**os.environ, "WANDB_MODE": "disabled"}
+        )
         try:
             rc = child.wait(kill_after_s)
         except subprocess.TimeoutExpired:

@@ -420,7 +420,7 @@ def make_prospects(rng: random.Random) -> list[Prospect]:
     """48 prospects: 4 per industry, personas cycled so each appears 9-10 times, ids shuffled."""
     slots = [(industry, name) for industry in INDUSTRIES for name in company_names(industry, rng)]
     rng.shuffle(slots)
-    people = rng.sample([(f, l) for f in FIRST_NAMES for l in LAST_NAMES], len(slots))
+    people = rng.sample([(first, last) for first in FIRST_NAMES for last in LAST_NAMES], len(slots))
     prospects = []
     for index, ((industry, company_name), (first, last)) in enumerate(zip(slots, people, strict=True)):
         persona = PERSONAS[index % len(PERSONAS)]

@@ -144,10 +144,15 @@ async def profile_one_iteration(args: argparse.Namespace, out: Path) -> dict[str
         "settings": {
             k: getattr(settings, k)
             for k in (
-                "scenarios_per_step", "group_size", "eval_scenarios", "max_turns", "max_tokens", "rollout_concurrency",
+                "scenarios_per_step",
+                "group_size",
+                "eval_scenarios",
+                "max_turns",
+                "max_tokens",
+                "rollout_concurrency",
                 "prefix_store_mb",
             )
-        },  # fmt: skip
+        },
         "setup_s": setup_s,
         "iteration_s": wall,
         "stages_s": {k.removeprefix("time/"): v for k, v in record.items() if k.startswith("time/")},
@@ -161,8 +166,10 @@ async def profile_one_iteration(args: argparse.Namespace, out: Path) -> dict[str
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
     policy = summary["policy"]
-    print(f"\nOne learning-loop iteration (embedded backend): {summary['iteration_s']:.1f} s "
-          f"(setup before it, not profiled: {summary['setup_s']:.1f} s), peak RSS {summary['peak_rss_mb']:.0f} MB")
+    print(
+        f"\nOne learning-loop iteration (embedded backend): {summary['iteration_s']:.1f} s "
+        f"(setup before it, not profiled: {summary['setup_s']:.1f} s), peak RSS {summary['peak_rss_mb']:.0f} MB"
+    )
     print("  settings: " + ", ".join(f"{k}={v}" for k, v in summary["settings"].items()))
     print("  stages: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in summary["stages_s"].items()))
     print(
@@ -183,7 +190,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/profile-iteration"), help="Folder for the profile files.")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/profile-iteration"), help="Folder for the profile files."
+    )
     for name in (
         "scenarios_per_step", "group_size", "eval_scenarios", "max_turns", "max_tokens", "rollout_concurrency",
         "prefix_store_mb",

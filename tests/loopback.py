@@ -28,7 +28,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from aiohttp import web
 
@@ -69,7 +69,7 @@ class Delay:
     then: ScriptEntry | None = None
 
 
-ScriptEntry = Union[str, list[Call], Reply, HTTPError, Delay]
+ScriptEntry = str | list[Call] | Reply | HTTPError | Delay
 
 
 def _logprobs_for(text: str) -> dict[str, Any]:
@@ -152,7 +152,9 @@ class LoopbackOpenAI:
     # --- handlers ----------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "test"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "test"}]}
+        )
 
     async def _next_entry(self) -> ScriptEntry | None:
         async with self._lock:

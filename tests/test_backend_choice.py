@@ -45,7 +45,9 @@ def test_an_art_backend_with_the_embedded_model_names_the_flag_and_writes_nothin
 def test_a_hugging_face_model_passes_the_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     _gpu_with_unsloth(monkeypatch)
     check_backend_available(Settings(backend="local", base_model="Qwen/Qwen2.5-0.5B-Instruct"))
-    check_backend_available(Settings(backend="serverless", base_model="OpenPipe/Qwen3-14B-Instruct", wandb_api_key="k" * 40))
+    check_backend_available(
+        Settings(backend="serverless", base_model="OpenPipe/Qwen3-14B-Instruct", wandb_api_key="k" * 40)
+    )
     check_backend_available(Settings())  # the embedded default needs nothing
     with pytest.raises(BackendUnavailable, match=EMBEDDED_BASE_MODEL):
         check_backend_available(Settings(backend="serverless", wandb_api_key="k" * 40))

@@ -88,7 +88,11 @@ def test_assistant_tool_calls_in_dict_form_render_as_tool_call_blocks() -> None:
 
 def test_assistant_tool_calls_as_openai_objects_render_the_same() -> None:
     call = ChatCompletionMessageFunctionToolCall.model_validate(
-        {"id": "call_9", "type": "function", "function": {"name": "lookup_prospect", "arguments": '{"prospect_id": "p002"}'}}
+        {
+            "id": "call_9",
+            "type": "function",
+            "function": {"name": "lookup_prospect", "arguments": '{"prospect_id": "p002"}'},
+        }
     )
     [flat] = to_chatml_messages([{"role": "assistant", "content": None, "tool_calls": [call]}], None)
     assert flat == {
@@ -186,8 +190,16 @@ def test_tool_call_text_is_not_parsed_when_no_tools_were_offered() -> None:
 def test_rendered_calls_parse_back_to_the_same_calls() -> None:
     """The server renders earlier calls and parses new ones with the same rules."""
     original = [
-        {"id": "a", "type": "function", "function": {"name": "lookup_prospect", "arguments": '{"prospect_id": "p001"}'}},
-        {"id": "b", "type": "function", "function": {"name": "send_email", "arguments": '{"subject": "S", "body": "B"}'}},
+        {
+            "id": "a",
+            "type": "function",
+            "function": {"name": "lookup_prospect", "arguments": '{"prospect_id": "p001"}'},
+        },
+        {
+            "id": "b",
+            "type": "function",
+            "function": {"name": "send_email", "arguments": '{"subject": "S", "body": "B"}'},
+        },
     ]
     [flat] = to_chatml_messages([{"role": "assistant", "content": "", "tool_calls": original}], None)
     parsed = parse_completion(flat["content"], tools_offered=True)

@@ -157,7 +157,10 @@ def test_invalid_json_file_names_line(tmp_path: Path) -> None:
     ("splits", "expected"),
     [
         ({"train": ["p001", "p999"], "heldout": ["p002"]}, r"splits\.json: field train: unknown prospect_id 'p999'"),
-        ({"train": ["p001", "p002"], "heldout": ["p002"]}, r"splits\.json: prospect_id 'p002' is in both train and heldout"),
+        (
+            {"train": ["p001", "p002"], "heldout": ["p002"]},
+            r"splits\.json: prospect_id 'p002' is in both train and heldout",
+        ),
         ({"train": ["p001", "p001"], "heldout": []}, r"splits\.json: prospect_id 'p001' is listed twice in train"),
         ({"train": ["p001"]}, r"splits\.json: field heldout: Field required"),
         ({"train": [], "heldout": [], "test": []}, r"splits\.json: field test: Extra inputs"),
@@ -172,7 +175,10 @@ def test_bad_split(tmp_path: Path, splits: dict, expected: str) -> None:
 
 def test_split_keeps_file_order(tmp_path: Path) -> None:
     (tmp_path / "splits.json").write_text(json.dumps({"heldout": ["p003"], "train": ["p002", "p001"]}))
-    assert load_split(tmp_path / "splits.json", {"p001", "p002", "p003"}) == {"train": ["p002", "p001"], "heldout": ["p003"]}
+    assert load_split(tmp_path / "splits.json", {"p001", "p002", "p003"}) == {
+        "train": ["p002", "p001"],
+        "heldout": ["p003"],
+    }
 
 
 @pytest.mark.parametrize("name", ["prospects.jsonl", "splits.json", "product.json"])

@@ -56,7 +56,11 @@ def test_the_gpu_set_comes_from_pypi_with_arts_gpu_stack() -> None:
     sources = {name: p["source"] for name, p in packages.items()}
     assert sources["codreamer"] == {"editable": "../../"}
     assert sources["codreamer-gpu"] == {"virtual": "."}
-    foreign = {n: s for n, s in sources.items() if n not in {"codreamer", "codreamer-gpu"} and s != {"registry": "https://pypi.org/simple"}}
+    foreign = {
+        n: s
+        for n, s in sources.items()
+        if n not in {"codreamer", "codreamer-gpu"} and s != {"registry": "https://pypi.org/simple"}
+    }
     assert foreign == {}  # no PyTorch index, no git, no URL
     versions = {name: p["version"] for name, p in packages.items()}
     assert versions["openpipe-art"] == "0.5.23"

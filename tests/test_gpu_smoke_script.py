@@ -24,7 +24,11 @@ def _stubs(folder: Path, nvidia_smi: str) -> dict[str, str]:
     """PATH with a stub `nvidia-smi`, and a `uv` and `python3` that only record that they were
     called: whatever the script does, it installs and runs nothing."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, body in (("nvidia-smi", nvidia_smi), ("uv", f"echo uv >> {folder}/called; exit 97"), ("python3", f"echo python3 >> {folder}/called; exit 97")):
+    for name, body in (
+        ("nvidia-smi", nvidia_smi),
+        ("uv", f"echo uv >> {folder}/called; exit 97"),
+        ("python3", f"echo python3 >> {folder}/called; exit 97"),
+    ):
         stub = folder / name
         stub.write_text(f"#!/bin/sh\n{body}\n")
         stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
@@ -36,14 +40,16 @@ def test_the_script_parses() -> None:
 
 
 @pytest.mark.parametrize(
-    "body, says",
+    ("body", "says"),
     [
         ("exit 9", "no working nvidia-smi"),
         ('echo "| NVIDIA-SMI 550.54   Driver Version: 550.54   CUDA Version: 12.4 |"', "supports CUDA 12"),
     ],
 )
 def test_no_usable_gpu_is_one_clear_refusal_before_any_install(tmp_path: Path, body: str, says: str) -> None:
-    done = subprocess.run(["bash", str(SCRIPT)], env=_stubs(tmp_path / "bin", body), capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["bash", str(SCRIPT)], env=_stubs(tmp_path / "bin", body), capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 2 and says in done.stderr, done.stderr
     assert not (tmp_path / "bin" / "called").exists()  # refused before uv or pip was called
 
@@ -67,10 +73,16 @@ def test_the_summary_reads_the_runs_iterations(tmp_path: Path) -> None:
     )  # fmt: skip
     out = done.stdout
     assert done.returncode == 0, done.stderr
-    assert "iteration 2  step 2: train reward 0.470 +- 0.040 (n=8), held-out 0.520 [0.480, 0.560] (vs base +0.060)" in out
+    assert (
+        "iteration 2  step 2: train reward 0.470 +- 0.040 (n=8), held-out 0.520 [0.480, 0.560] (vs base +0.060)" in out
+    )
     assert "generate 12.5 s  score 0.0 s  train 20.0 s  log 0.3 s" in out
     assert "step reached 2 after 2 iteration(s)" in out
     missing = subprocess.run(
-        [sys.executable, "-", str(tmp_path / "runs"), "nope", "m"], input=summary.group(1), capture_output=True, text=True, timeout=30
+        [sys.executable, "-", str(tmp_path / "runs"), "nope", "m"],
+        input=summary.group(1),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert missing.returncode == 0 and "no iteration completed" in missing.stdout

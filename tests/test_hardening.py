@@ -47,7 +47,9 @@ def victim(tmp_path: Path) -> Path:
     (folder / "checkpoints" / "0001").mkdir(parents=True)
     (folder / "checkpoints" / "0001" / "weights.bin").write_bytes(b"precious")
     (folder / "run.json").write_text(json.dumps({"run_id": "victim", "kind": "learn-loop", "status": "finished"}))
-    (folder / "iterations.jsonl").write_text(json.dumps({"iteration": 1, "step": 1, "train/reward_mean": 0.5, "train/reward_std": 0.1}) + "\n")
+    (folder / "iterations.jsonl").write_text(
+        json.dumps({"iteration": 1, "step": 1, "train/reward_mean": 0.5, "train/reward_std": 0.1}) + "\n"
+    )
     return folder
 
 
@@ -79,15 +81,23 @@ def test_hostile_run_ids_are_refused_before_anything_is_written(
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_an_absolute_run_id_is_refused(entry: Callable[[list[str]], int], tmp_path: Path, victim: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_absolute_run_id_is_refused(
+    entry: Callable[[list[str]], int], tmp_path: Path, victim: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = _snapshot(tmp_path)
     assert entry(["--runs-dir", str(tmp_path / "runs"), "--run-id", str(victim), "--no-wandb"]) == 2
-    assert "not allowed" in _one_error_line(capsys.readouterr().err, entry.__name__.removesuffix("_main").replace("_", "-"))
-    assert _snapshot(tmp_path) == before and (victim / "checkpoints" / "0001" / "weights.bin").read_bytes() == b"precious"
+    assert "not allowed" in _one_error_line(
+        capsys.readouterr().err, entry.__name__.removesuffix("_main").replace("_", "-")
+    )
+    assert (
+        _snapshot(tmp_path) == before and (victim / "checkpoints" / "0001" / "weights.bin").read_bytes() == b"precious"
+    )
 
 
 @pytest.mark.parametrize("project", ["../..", "/abs", "a/b", "..", ""])
-def test_hostile_project_names_are_refused(project: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hostile_project_names_are_refused(
+    project: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = _snapshot(tmp_path)
     assert learn_loop_main(["--runs-dir", str(tmp_path / "runs"), f"--project={project}", "--no-wandb"]) == 2
     assert "project name" in _one_error_line(capsys.readouterr().err, "learn-loop")
@@ -97,7 +107,9 @@ def test_hostile_project_names_are_refused(project: str, tmp_path: Path, capsys:
     assert _snapshot(tmp_path) == before
 
 
-def test_a_run_id_from_the_environment_is_checked_too(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_id_from_the_environment_is_checked_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CODREAMER_RUN_ID", "../../x")
     assert train_main(["--runs-dir", str(tmp_path / "runs"), "--no-wandb"]) == 2
     assert "'../../x' is not allowed" in _one_error_line(capsys.readouterr().err, "train")
@@ -196,10 +208,17 @@ def test_secrets_still_come_from_the_environment_and_dotenv(tmp_path: Path, monk
 
 @pytest.mark.parametrize("entry", [*ENTRIES, codreamer_main])
 def test_a_bad_setting_in_the_environment_is_one_line_under_every_entry_point(
-    entry: Callable[[list[str]], int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    entry: Callable[[list[str]], int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("CODREAMER_GROUP_SIZE", "abc")
-    argv = ["--runs-dir", str(tmp_path / "runs"), "runs"] if entry is codreamer_main else ["--runs-dir", str(tmp_path / "runs")]
+    argv = (
+        ["--runs-dir", str(tmp_path / "runs"), "runs"]
+        if entry is codreamer_main
+        else ["--runs-dir", str(tmp_path / "runs")]
+    )
     assert entry(argv) == 2
     prog = "codreamer" if entry is codreamer_main else entry.__name__.removesuffix("_main").replace("_", "-")
     line = _one_error_line(capsys.readouterr().err, prog)
@@ -210,7 +229,9 @@ def test_a_bad_setting_in_the_environment_is_one_line_under_every_entry_point(
 def test_a_bad_line_in_dotenv_and_bad_flags_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / ".env").write_text("CODREAMER_EVAL_SAMPLES=0\n")
     assert learn_loop_main([]) == 2
-    assert "eval_samples (CODREAMER_EVAL_SAMPLES / --eval-samples)" in _one_error_line(capsys.readouterr().err, "learn-loop")
+    assert "eval_samples (CODREAMER_EVAL_SAMPLES / --eval-samples)" in _one_error_line(
+        capsys.readouterr().err, "learn-loop"
+    )
     (tmp_path / ".env").unlink()
     assert learn_loop_main(["--no-such-flag", "1"]) == 2
     assert "unrecognized arguments: --no-such-flag 1" in _one_error_line(capsys.readouterr().err, "learn-loop")
@@ -224,7 +245,12 @@ def test_the_local_backend_on_a_cpu_machine_is_one_line_and_writes_nothing(
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert learn_loop_main(["--runs-dir", str(tmp_path / "runs"), "--backend", "local", "--base-model", "Qwen/Qwen2.5-0.5B"]) == 2
+    assert (
+        learn_loop_main(
+            ["--runs-dir", str(tmp_path / "runs"), "--backend", "local", "--base-model", "Qwen/Qwen2.5-0.5B"]
+        )
+        == 2
+    )
     line = _one_error_line(capsys.readouterr().err, "learn-loop")
     assert "needs a CUDA GPU" in line and "--backend embedded" in line
     assert not (tmp_path / "runs").exists()
@@ -235,13 +261,17 @@ def test_the_local_backend_on_a_cpu_machine_is_one_line_and_writes_nothing(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "unsloth" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "unsloth" else real_find_spec(name, *a)
+    )
     assert learn_loop_main(["--runs-dir", str(tmp_path / "runs"), "--backend", "local"]) == 2
     assert "unsloth" in _one_error_line(capsys.readouterr().err, "learn-loop")
     assert not (tmp_path / "runs").exists()
 
 
-def test_codreamer_show_of_a_corrupt_run_file_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_codreamer_show_of_a_corrupt_run_file_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     directory = tmp_path / "runs" / "codreamer" / "models" / "r1"
     directory.mkdir(parents=True)
     (directory / "run.json").write_text('{"run_id": "r1", broken')
@@ -285,7 +315,10 @@ def test_tracebacks_carry_no_variable_values(tmp_path: Path) -> None:
 def test_codreamer_verbs_print_no_debug_noise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = tmp_path / "events.jsonl"
     source.write_text(
-        json.dumps({"event_id": "e1", "trajectory_id": "t", "prospect_id": "p", "step": 0, "timestamp": "2025-01-01T00:00:00Z"}) + "\n"
+        json.dumps(
+            {"event_id": "e1", "trajectory_id": "t", "prospect_id": "p", "step": 0, "timestamp": "2025-01-01T00:00:00Z"}
+        )
+        + "\n"
     )
     assert codreamer_main(["--runs-dir", str(tmp_path / "runs"), "ingest", str(source)]) == 0
     assert codreamer_main(["--runs-dir", str(tmp_path / "runs"), "ingest", str(source)]) == 0  # loads the index
@@ -324,7 +357,9 @@ def test_the_embedded_backend_gets_the_threads_this_process_may_use(monkeypatch:
         Settings(torch_threads=0)
 
 
-def test_ctrl_c_outside_the_loop_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ctrl_c_outside_the_loop_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import codreamer.events.cli_commands as commands
 
     def interrupted(*_args: object) -> int:

@@ -70,7 +70,13 @@ def test_non_finite_floats_become_null(tmp_path: Path) -> None:
     path = tmp_path / "h.jsonl"
     append_record(
         path,
-        {"loss": math.nan, "m": {"up": math.inf, "ok": 1.5}, "xs": [1.0, -math.inf], "t": (math.nan, 2), "p": Path("a/b")},
+        {
+            "loss": math.nan,
+            "m": {"up": math.inf, "ok": 1.5},
+            "xs": [1.0, -math.inf],
+            "t": (math.nan, 2),
+            "p": Path("a/b"),
+        },
     )
     raw = path.read_text(encoding="utf-8")
     assert "NaN" not in raw and "Infinity" not in raw
@@ -97,8 +103,7 @@ for i in range(count):
 def test_concurrent_writer_processes_never_interleave(tmp_path: Path) -> None:
     path, go = tmp_path / "h.jsonl", tmp_path / "go"
     workers = [
-        subprocess.Popen([sys.executable, "-c", APPENDER, str(path), str(w), "50", str(go)], cwd=REPO)
-        for w in range(4)
+        subprocess.Popen([sys.executable, "-c", APPENDER, str(path), str(w), "50", str(go)], cwd=REPO) for w in range(4)
     ]
     time.sleep(0.2)  # let the interpreters start and import
     go.touch()
@@ -114,7 +119,9 @@ def test_concurrent_writer_processes_never_interleave(tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------------- scenarios
 def _scenario(index: int) -> Scenario:
-    company = Company(name=f"Co {index}", industry="logistics", employees=10, headquarters="Hamburg", recent_news="news")
+    company = Company(
+        name=f"Co {index}", industry="logistics", employees=10, headquarters="Hamburg", recent_news="news"
+    )
     prospect = Prospect(
         prospect_id=f"p{index:03d}",
         first_name="Ada",
@@ -244,5 +251,7 @@ def test_env_example_mentions_every_setting() -> None:
     text = (REPO / ".env.example").read_text(encoding="utf-8")
     missing = [name for name in Settings.model_fields if f"# {module.env_name(name)}=" not in text]
     assert not missing, f".env.example lacks {missing}; run `uv run python scripts/make_env_example.py`"
-    assert text == module.render(), ".env.example drifted from Settings; run `uv run python scripts/make_env_example.py`"
+    assert text == module.render(), (
+        ".env.example drifted from Settings; run `uv run python scripts/make_env_example.py`"
+    )
     assert all(line.startswith("#") for line in text.splitlines() if line.strip())

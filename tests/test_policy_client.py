@@ -11,12 +11,11 @@ import openai
 import pytest
 from aiohttp import web
 
-from codreamer.agent.rollout import RolloutConfig
+from codreamer.agent.policy_client import DirectPolicyClient, InvalidPolicyResponseError, open_policy_client
+from codreamer.agent.rollout import RolloutConfig, rollout
 from codreamer.config import Settings
 from codreamer.domain import Company, Product, Prospect, Scenario
 from codreamer.retry import is_transient
-from codreamer.agent.policy_client import DirectPolicyClient, InvalidPolicyResponseError, open_policy_client
-from codreamer.agent.rollout import rollout
 
 try:  # tests/ is a rootdir (no __init__.py): pytest puts it on sys.path
     from loopback import Call, Delay, HTTPError, LoopbackOpenAI
@@ -36,7 +35,9 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def scenario() -> Scenario:
-    company = Company(name="Nordwind", industry="logistics", employees=850, headquarters="Hamburg", recent_news="Leipzig.")
+    company = Company(
+        name="Nordwind", industry="logistics", employees=850, headquarters="Hamburg", recent_news="Leipzig."
+    )
     prospect = Prospect(
         prospect_id="p007", first_name="Ana", last_name="Kovac", email="ana@nordwind.example.com", title="VP Operations",
         seniority="vp", persona="analytical", pain_points=["manual invoicing"], company=company,
@@ -53,7 +54,9 @@ def product() -> Product:
 
 
 def make_model(base_url: str, api_key: str = "sk-test-secret") -> art.Model:
-    return art.Model(name="t", project="t", inference_base_url=base_url, inference_api_key=api_key, inference_model_name="t")
+    return art.Model(
+        name="t", project="t", inference_base_url=base_url, inference_api_key=api_key, inference_model_name="t"
+    )
 
 
 @asynccontextmanager
@@ -114,7 +117,9 @@ async def test_both_clients_send_the_same_requests_and_build_the_same_trajectory
     assert [type(c) for c in direct_choices] == [type(c) for c in openai_choices]
     # ids are random per answer; ART's wrapper adds its own `art_completion_tokens` to each choice
     strip_ids = {"message": {"tool_calls": {"__all__": {"id"}}}, "art_completion_tokens": True}
-    assert [c.model_dump(exclude=strip_ids) for c in direct_choices] == [c.model_dump(exclude=strip_ids) for c in openai_choices]
+    assert [c.model_dump(exclude=strip_ids) for c in direct_choices] == [
+        c.model_dump(exclude=strip_ids) for c in openai_choices
+    ]
     assert direct_choices[0].logprobs is not None and direct_choices[0].logprobs.content
 
 
@@ -149,10 +154,12 @@ async def test_a_shared_client_serves_concurrent_rollouts(scenario: Scenario, pr
     ],
 )
 async def test_http_errors_become_the_sdk_exception_types(status: int, error_type: type, transient: bool) -> None:
-    async with LoopbackOpenAI([HTTPError(status, message="scripted trouble")]) as server:
-        async with open_policy_client(make_model(server.base_url), "direct") as client:
-            with pytest.raises(error_type) as caught:
-                await client.complete(REQUEST, timeout_s=5)
+    async with (
+        LoopbackOpenAI([HTTPError(status, message="scripted trouble")]) as server,
+        open_policy_client(make_model(server.base_url), "direct") as client,
+    ):
+        with pytest.raises(error_type) as caught:
+            await client.complete(REQUEST, timeout_s=5)
     assert caught.value.status_code == status
     assert "scripted trouble" in str(caught.value)
     assert is_transient(caught.value) is transient
@@ -160,20 +167,24 @@ async def test_http_errors_become_the_sdk_exception_types(status: int, error_typ
 
 @pytest.mark.anyio
 async def test_the_servers_no_retry_header_is_kept() -> None:
-    async with LoopbackOpenAI([HTTPError(503, retryable=False)]) as server:
-        async with open_policy_client(make_model(server.base_url), "direct") as client:
-            with pytest.raises(openai.InternalServerError) as caught:
-                await client.complete(REQUEST, timeout_s=5)
+    async with (
+        LoopbackOpenAI([HTTPError(503, retryable=False)]) as server,
+        open_policy_client(make_model(server.base_url), "direct") as client,
+    ):
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.complete(REQUEST, timeout_s=5)
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert not is_transient(caught.value)
 
 
 @pytest.mark.anyio
 async def test_timeout_and_refused_connection_are_transient_sdk_errors() -> None:
-    async with LoopbackOpenAI([Delay(2.0, then="late")]) as server:
-        async with open_policy_client(make_model(server.base_url), "direct") as client:
-            with pytest.raises(openai.APITimeoutError) as timed_out:
-                await client.complete(REQUEST, timeout_s=0.2)
+    async with (
+        LoopbackOpenAI([Delay(2.0, then="late")]) as server,
+        open_policy_client(make_model(server.base_url), "direct") as client,
+    ):
+        with pytest.raises(openai.APITimeoutError) as timed_out:
+            await client.complete(REQUEST, timeout_s=0.2)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]  # bound, never listening: the connection is refused
@@ -186,27 +197,31 @@ async def test_timeout_and_refused_connection_are_transient_sdk_errors() -> None
 
 @pytest.mark.anyio
 async def test_a_non_completion_answer_names_the_field_and_hides_the_key() -> None:
-    async with answering(200, b'{"id": "x", "object": "chat.completion", "created": 1, "model": "t"}') as url:
-        async with open_policy_client(make_model(url), "direct") as client:
-            with pytest.raises(InvalidPolicyResponseError, match=r"choices: Field required") as caught:
-                await client.complete(REQUEST, timeout_s=5)
+    async with (
+        answering(200, b'{"id": "x", "object": "chat.completion", "created": 1, "model": "t"}') as url,
+        open_policy_client(make_model(url), "direct") as client,
+    ):
+        with pytest.raises(InvalidPolicyResponseError, match=r"choices: Field required") as caught:
+            await client.complete(REQUEST, timeout_s=5)
     assert not is_transient(caught.value)
     assert "sk-test-secret" not in str(caught.value)
 
 
 @pytest.mark.anyio
 async def test_a_non_json_error_page_is_kept_short() -> None:
-    async with answering(502, b"<html>" + b"x" * 5000 + b"</html>") as url:
-        async with open_policy_client(make_model(url), "direct") as client:
-            with pytest.raises(openai.InternalServerError) as caught:
-                await client.complete(REQUEST, timeout_s=5)
+    async with (
+        answering(502, b"<html>" + b"x" * 5000 + b"</html>") as url,
+        open_policy_client(make_model(url), "direct") as client,
+    ):
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.complete(REQUEST, timeout_s=5)
     assert len(str(caught.value)) < 700 and caught.value.status_code == 502
 
 
 @pytest.mark.anyio
 async def test_direct_client_needs_a_registered_model() -> None:
     model = art.Model(name="unregistered", project="t")
-    with pytest.raises(ValueError, match="unregistered.*inference_base_url"):
+    with pytest.raises(ValueError, match=r"unregistered.*inference_base_url"):
         async with open_policy_client(model, "direct"):
             pass
 

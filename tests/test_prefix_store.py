@@ -71,7 +71,9 @@ def test_a_store_of_zero_bytes_keeps_nothing() -> None:
 def second_turns(policy: Policy, temperature: float = 0.0, seed: int | None = None) -> list[list[int]]:
     """Sample every first turn, then build the next prompts as a rollout does."""
     first = policy.sample(FIRST_TURNS, max_new_tokens=6, temperature=temperature, seed=seed)
-    return [prompt + sample.token_ids + [IM_END] + TOOL_RESULT for prompt, sample in zip(FIRST_TURNS, first, strict=True)]
+    return [
+        prompt + sample.token_ids + [IM_END] + TOOL_RESULT for prompt, sample in zip(FIRST_TURNS, first, strict=True)
+    ]
 
 
 def cold_policy() -> Policy:

@@ -16,14 +16,15 @@ import art
 import httpx
 import openai
 import pytest
+from loopback import Call, Delay, HTTPError, LoopbackOpenAI
 from openai.types.chat.chat_completion import Choice
 
+from codreamer.agent.rollout import RolloutConfig, rollout
 from codreamer.analysis.collector import FailureCollector, load_failures
-from codreamer.agent.rollout import RolloutConfig
 from codreamer.config import Settings
-from codreamer.domain import Product, Prospect, Scenario
-from codreamer.pipeline.run import ResumeConfigError, check_resume_settings, discard_uncommitted_checkpoints
+from codreamer.domain import Product, Scenario
 from codreamer.pipeline.fanout import RolloutFailuresError
+from codreamer.pipeline.run import ResumeConfigError, check_resume_settings, discard_uncommitted_checkpoints
 from codreamer.pipeline.stages import RolloutPlan, generate_trajectories, grpo_update
 from codreamer.pipeline.state import (
     STATE_FILE,
@@ -37,11 +38,9 @@ from codreamer.pipeline.state import (
     save_state,
 )
 from codreamer.retry import RetryCounter, RetryPolicy, TransientError, counting_retries, is_transient
-from codreamer.agent.rollout import rollout
-from loopback import Call, Delay, HTTPError, LoopbackOpenAI
 
 FINAL = {"subject": "Leipzig and audits", "body": "Hi Ana, congrats on Leipzig. FreightPilot cuts audits. Sam"}
-FAST = dict(inference_attempts=3, retry_initial_s=0.0, retry_max_s=0.0)
+FAST = {"inference_attempts": 3, "retry_initial_s": 0.0, "retry_max_s": 0.0}
 
 
 @pytest.fixture(params=["openai", "direct"])
@@ -75,7 +74,9 @@ def scenario() -> Scenario:
 
 
 def make_model(server: LoopbackOpenAI) -> art.Model:
-    return art.Model(name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t")
+    return art.Model(
+        name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t"
+    )
 
 
 # --- classification -------------------------------------------------------------------------
@@ -111,12 +112,16 @@ def test_only_transient_errors_are_retried(exc: BaseException, transient: bool) 
 
 
 @pytest.mark.anyio
-async def test_rollout_recovers_from_server_errors_and_counts_the_retries(scenario: Scenario, product: Product, client: str) -> None:
+async def test_rollout_recovers_from_server_errors_and_counts_the_retries(
+    scenario: Scenario, product: Product, client: str
+) -> None:
     script = [HTTPError(500), HTTPError(503), [Call("finalize_email", FINAL)]]
     counter = RetryCounter()
     async with LoopbackOpenAI(script) as server:
         with counting_retries(counter):
-            traj = await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, inference_client=client, **FAST))
+            traj = await rollout(
+                make_model(server), scenario, product, RolloutConfig(max_turns=2, inference_client=client, **FAST)
+            )
         assert len(server.requests) == 3
     assert traj.metadata["email_subject"] == FINAL["subject"]
     assert counter.as_metrics() == {"retries/inference": 2.0}
@@ -126,7 +131,9 @@ async def test_rollout_recovers_from_server_errors_and_counts_the_retries(scenar
 async def test_permanent_error_fails_fast(scenario: Scenario, product: Product, client: str) -> None:
     async with LoopbackOpenAI([HTTPError(400), [Call("finalize_email", FINAL)]]) as server:
         with pytest.raises(openai.BadRequestError):
-            await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, inference_client=client, **FAST))
+            await rollout(
+                make_model(server), scenario, product, RolloutConfig(max_turns=2, inference_client=client, **FAST)
+            )
         assert len(server.requests) == 1
 
 
@@ -144,7 +151,9 @@ async def test_stalled_call_times_out_then_recovers(scenario: Scenario, product:
 async def test_retries_give_up_after_the_configured_attempts(scenario: Scenario, product: Product, client: str) -> None:
     async with LoopbackOpenAI([HTTPError(500)] * 5) as server:
         with pytest.raises(openai.InternalServerError):
-            await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, inference_client=client, **FAST))
+            await rollout(
+                make_model(server), scenario, product, RolloutConfig(max_turns=2, inference_client=client, **FAST)
+            )
         assert len(server.requests) == 3
 
 
@@ -206,7 +215,9 @@ async def test_training_step_retries_transient_errors() -> None:
     backend = FlakyBackend([TransientError("worker restarting"), ConnectionResetError()])
     counter = RetryCounter()
     with counting_retries(counter):
-        result = await grpo_update(backend, None, [], learning_rate=1e-5, retry=RetryPolicy(attempts=3, initial_s=0, max_s=0))
+        result = await grpo_update(
+            backend, None, [], learning_rate=1e-5, retry=RetryPolicy(attempts=3, initial_s=0, max_s=0)
+        )
     assert result.step == 1 and backend.calls == 3
     assert counter.as_metrics() == {"retries/training": 2.0}
 
@@ -231,7 +242,12 @@ def test_groups_survive_the_work_file_with_their_choices() -> None:
             "logprobs": {"content": [{"token": "token_id:5", "logprob": -0.5, "bytes": None, "top_logprobs": []}]},
         }
     )
-    traj = art.Trajectory(messages_and_choices=[{"role": "user", "content": "x"}, choice], reward=0.5, metadata={"a": 1}, metrics={"m": 1.0})
+    traj = art.Trajectory(
+        messages_and_choices=[{"role": "user", "content": "x"}, choice],
+        reward=0.5,
+        metadata={"a": 1},
+        metrics={"m": 1.0},
+    )
     group = art.TrajectoryGroup([traj], metadata={"scenario_id": "s"}, exceptions=[ValueError("boom")])
     restored = load_groups(json.loads(json.dumps(dump_groups([group]))))[0]
     item = restored.trajectories[0].messages_and_choices[1]

@@ -10,17 +10,17 @@ import pytest
 from openai.types.chat.chat_completion import Choice
 
 from codreamer.agent.prompts import NUDGE_MESSAGE, initial_messages
-from codreamer.agent.tools import TOOLS, execute_tool
-from codreamer.agent.rollout import RolloutConfig
-from codreamer.domain import Company, Email, Product, Prospect, Scenario
 from codreamer.agent.rollout import (
     METADATA_KEYS,
+    RolloutConfig,
     auto_finalize_email,
     clean_assistant_text,
     email_from_trajectory,
     rollout,
     trajectory_id,
 )
+from codreamer.agent.tools import TOOLS, execute_tool
+from codreamer.domain import Company, Email, Product, Prospect, Scenario
 
 try:  # tests/ is a rootdir (no __init__.py): pytest puts it on sys.path
     from loopback import Call, Delay, HTTPError, LoopbackOpenAI, Reply
@@ -226,7 +226,9 @@ async def test_malformed_tool_arguments_are_counted(scenario: Scenario, product:
     assert md["invalid_tool_calls"] == 3
     assert md["prospect_lookups"] == 1
     assert email_from_trajectory(traj) == Email(**FINAL)
-    tool_contents = [json.loads(i["content"]) for i in traj.messages_and_choices if isinstance(i, dict) and i["role"] == "tool"]
+    tool_contents = [
+        json.loads(i["content"]) for i in traj.messages_and_choices if isinstance(i, dict) and i["role"] == "tool"
+    ]
     assert [("error" in c) for c in tool_contents] == [True, True, True, False, False]
     assert "not valid JSON" in tool_contents[0]["error"]
     assert "unknown tool" in tool_contents[1]["error"]
@@ -261,7 +263,9 @@ def test_execute_tool_never_raises(scenario: Scenario) -> None:
 async def test_server_error_propagates(scenario: Scenario, product: Product) -> None:
     async with LoopbackOpenAI([HTTPError(500)] * 3) as server:
         with pytest.raises(openai.InternalServerError):
-            await rollout(make_model(server), scenario, product, RolloutConfig(max_turns=2, retry_initial_s=0, retry_max_s=0))
+            await rollout(
+                make_model(server), scenario, product, RolloutConfig(max_turns=2, retry_initial_s=0, retry_max_s=0)
+            )
         assert len(server.requests) == 3  # tried 3 times (inference_attempts), then raised
 
 
@@ -305,11 +309,19 @@ def test_trajectory_id_function() -> None:
     a = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     b = [{"role": "system", "content": "s"}, {"role": "user", "content": "u2"}]
     with_call = a + [
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
         {"role": "tool", "tool_call_id": "1", "content": "r"},
     ]
     same_call_other_id = a + [
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "2", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "2", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
         {"role": "tool", "tool_call_id": "2", "content": "r"},
     ]
     assert trajectory_id(a) == trajectory_id([dict(m) for m in a])
@@ -331,11 +343,15 @@ def test_request_messages_match_art_get_messages() -> None:
             "message": {
                 "role": "assistant",
                 "content": None,
-                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup_company", "arguments": "{}"}}],
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "lookup_company", "arguments": "{}"}}
+                ],
             },
         }
     )
-    text = Choice.model_validate({"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}})
+    text = Choice.model_validate(
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}}
+    )
     items = [
         {"role": "system", "content": "s"},
         {"role": "user", "content": "u"},

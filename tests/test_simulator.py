@@ -18,7 +18,9 @@ GOOD = Email(
         f"Would you be open to {TASK.product.call_to_action}?\n\nBest,\n{TASK.product.sender_name}"
     ),
 )
-SALAD = Email(subject="Quarter board Berlin", body="quarter board Berlin index round the trust forecast weeks two moved")
+SALAD = Email(
+    subject="Quarter board Berlin", body="quarter board Berlin index round the trust forecast weeks two moved"
+)
 
 
 def test_word_salad_gets_only_the_base_rates() -> None:

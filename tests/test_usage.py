@@ -83,7 +83,10 @@ def test_empty_ledger_has_zero_totals_and_no_mean() -> None:
 
 
 def test_cost_only_where_a_price_applies() -> None:
-    prices = LLMPrices(policy=KindPrices(prompt_usd_per_mtok=0.5, completion_usd_per_mtok=2.0), judge=KindPrices(prompt_usd_per_mtok=1.0))
+    prices = LLMPrices(
+        policy=KindPrices(prompt_usd_per_mtok=0.5, completion_usd_per_mtok=2.0),
+        judge=KindPrices(prompt_usd_per_mtok=1.0),
+    )
     ledger = UsageLedger(prices)
     ledger.record("policy", 0.1, 1_000_000, 500_000)
     ledger.record("judge", 0.1, 2_000_000, 1_000_000)  # no completion price: only the prompt is billed
@@ -206,9 +209,9 @@ def test_timed_call_measures_sets_usage_and_counts_errors() -> None:
 
 @pytest.mark.anyio
 async def test_rollout_records_policy_calls_and_tokens() -> None:
+    from codreamer.agent.rollout import rollout
     from codreamer.config import REPO_DATA_DIR
     from codreamer.data import load_task_data
-    from codreamer.agent.rollout import rollout
 
     task = load_task_data(REPO_DATA_DIR)
     scenario = task.train[0]
@@ -217,7 +220,9 @@ async def test_rollout_records_policy_calls_and_tokens() -> None:
               HTTPError(400, "bad request", retryable=False)]  # fmt: skip
     ledger = UsageLedger(LLMPrices(policy=KindPrices(prompt_usd_per_mtok=1.0, completion_usd_per_mtok=1.0)))
     async with LoopbackOpenAI(script) as server:
-        model = art.Model(name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t")
+        model = art.Model(
+            name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t"
+        )
         with using_ledger(ledger):
             await rollout(model, scenario, task.product, config, step=0, seed=1)
             with pytest.raises(Exception, match="400"):
@@ -228,19 +233,26 @@ async def test_rollout_records_policy_calls_and_tokens() -> None:
     expected_prompt = sum(sum(len(str(m.get("content") or "").split()) for m in r["messages"]) for r in requests[:2])
     assert totals["llm/policy/prompt_tokens"] == expected_prompt  # what the server reported, summed
     assert totals["llm/policy/completion_tokens"] > 0
-    assert totals["llm/policy/cost_usd"] == pytest.approx((expected_prompt + totals["llm/policy/completion_tokens"]) / 1e6)
+    assert totals["llm/policy/cost_usd"] == pytest.approx(
+        (expected_prompt + totals["llm/policy/completion_tokens"]) / 1e6
+    )
     assert ledger.calls_by_model() == {"policy:t": 3}
 
 
 def judge_answer(n: int) -> str:
-    return json.dumps({"scores": [{"trajectory_id": str(i), "explanation": "ok", "score": 0.5} for i in range(1, n + 1)]})
+    return json.dumps(
+        {"scores": [{"trajectory_id": str(i), "explanation": "ok", "score": 0.5} for i in range(1, n + 1)]}
+    )
 
 
 def judge_group_input() -> art.TrajectoryGroup:
     return art.TrajectoryGroup(
         [
             art.Trajectory(
-                messages_and_choices=[{"role": "user", "content": "write"}, {"role": "assistant", "content": f"email {i}"}],
+                messages_and_choices=[
+                    {"role": "user", "content": "write"},
+                    {"role": "assistant", "content": f"email {i}"},
+                ],
                 reward=0.0,
             )
             for i in range(2)

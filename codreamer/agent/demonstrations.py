@@ -46,7 +46,12 @@ _ASK = (
     "Could we find time for {cta}?",
 )
 _SIGN_OFF = ("Best,\n{sender}", "Thanks,\n{sender}", "Best regards,\n{sender}")
-_SUBJECTS = ("{company} and {topic}", "Idea for {company}", "{first}, a thought on {topic}", "Question about {topic} at {company}")
+_SUBJECTS = (
+    "{company} and {topic}",
+    "Idea for {company}",
+    "{first}, a thought on {topic}",
+    "Question about {topic} at {company}",
+)
 _TOPIC_WORDS = 3
 
 
@@ -58,7 +63,11 @@ def _sentence_case(text: str) -> str:
 
 def _topic(pain: str) -> str:
     """A short subject topic from a pain point: its first content words."""
-    words = [w.strip(",.;:") for w in pain.split() if len(w) > 3 and w.lower() not in {"every", "their", "there", "about", "with", "from", "have"}]
+    words = [
+        w.strip(",.;:")
+        for w in pain.split()
+        if len(w) > 3 and w.lower() not in {"every", "their", "there", "about", "with", "from", "have"}
+    ]
     return " ".join(words[:_TOPIC_WORDS]).lower() or "your pipeline"
 
 

@@ -103,7 +103,9 @@ class DirectPolicyClient:
     async def complete(self, request: dict[str, Any], *, timeout_s: float) -> ChatCompletion:
         body = json.dumps(request).encode()
         try:
-            async with self._session.post(self.url, data=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+            async with self._session.post(
+                self.url, data=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
                 content = await response.read()
                 status, headers = response.status, dict(response.headers)
         except TimeoutError as exc:
@@ -145,7 +147,9 @@ class DirectPolicyClient:
 
 
 @asynccontextmanager
-async def open_policy_client(model: Any, kind: InferenceClientKind, *, max_connections: int = 64) -> AsyncIterator[PolicyClient]:
+async def open_policy_client(
+    model: Any, kind: InferenceClientKind, *, max_connections: int = 64
+) -> AsyncIterator[PolicyClient]:
     """A client for `model`'s inference endpoint, closed when the block ends.
 
     `max_connections` should match the stage's rollout concurrency: more are never used.

@@ -29,19 +29,19 @@ from loguru import logger
 from openai.types.chat.chat_completion import Choice
 from pydantic import BaseModel, ConfigDict, Field
 
+from codreamer.agent.policy_client import PolicyClient, open_policy_client
 from codreamer.agent.prompts import NUDGE_MESSAGE, initial_messages
 from codreamer.agent.tools import FINALIZE_EMAIL, LOOKUP_COMPANY, LOOKUP_PROSPECT, TOOLS, execute_tool
 from codreamer.config import InferenceClientKind, Settings, default_of
 from codreamer.domain import Email, Product, Scenario
 from codreamer.local_trace import traced
 from codreamer.retry import RetryPolicy, retrying
-from codreamer.agent.policy_client import PolicyClient, open_policy_client
 from codreamer.usage import timed_llm_call
 
 __all__ = [
     "METADATA_KEYS",
-    "RolloutConfig",
     "PARTIAL_EPISODE_NOTE",
+    "RolloutConfig",
     "auto_finalize_email",
     "clean_assistant_text",
     "email_from_trajectory",
@@ -157,7 +157,9 @@ _ROLE_HEADER_RE = re.compile(r"<\|im_start\|>\s*(?:system|user|assistant|tool)?\
 _SPECIAL_TOKEN_RE = re.compile(r"<\|[A-Za-z0-9_\-]{1,40}\|>")
 _STRAY_TAG_RE = re.compile(r"</?(?:tool_call|tool_response|tools|think)>", re.I)
 _BARE_CALL_RE = re.compile(r'\[?\s*\{\s*"name"\s*:\s*"[\w\-]*"\s*,\s*"(?:arguments|parameters)"\s*:.*', re.S)
-_SUBJECT_LINE_RE = re.compile(r"^[ \t]*(?:[*_#>]+[ \t]*)?subject(?:[ \t]+line)?[ \t]*[*_]*:[*_]*[ \t]*(.*?)[ \t*_]*$", re.I | re.M)
+_SUBJECT_LINE_RE = re.compile(
+    r"^[ \t]*(?:[*_#>]+[ \t]*)?subject(?:[ \t]+line)?[ \t]*[*_]*:[*_]*[ \t]*(.*?)[ \t*_]*$", re.I | re.M
+)
 _BODY_LABEL_RE = re.compile(r"^\s*(?:[*_#>]+\s*)?body\s*[*_]*:[*_]*\s*", re.I)
 _JSON_STR_FIELD = r'"{field}"\s*:\s*"((?:[^"\\]|\\.)*)'
 
@@ -267,7 +269,9 @@ def email_from_trajectory(traj: art.Trajectory) -> Email:
     try:
         return Email(subject=traj.metadata["email_subject"], body=traj.metadata["email_body"])
     except KeyError as exc:
-        raise ValueError(f"trajectory has no email metadata ({exc.args[0]!r} missing); was it made by rollout()?") from exc
+        raise ValueError(
+            f"trajectory has no email metadata ({exc.args[0]!r} missing); was it made by rollout()?"
+        ) from exc
 
 
 def _trace_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +279,11 @@ def _trace_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     out = {key: value for key, value in inputs.items() if key != "client"}
     model = out.get("model")
     if isinstance(model, art.Model):
-        out["model"] = {"name": model.name, "project": model.project, "inference_model_name": model.inference_model_name}
+        out["model"] = {
+            "name": model.name,
+            "project": model.project,
+            "inference_model_name": model.inference_model_name,
+        }
     return out
 
 
@@ -316,7 +324,13 @@ def _clipped(message: dict[str, Any]) -> dict[str, Any]:
         out["content"] = out["content"][:_NOTE_TEXT_CHARS]
     if out.get("tool_calls"):
         out["tool_calls"] = [
-            {**call, "function": {**call["function"], "arguments": str(call["function"].get("arguments"))[:_NOTE_TEXT_CHARS]}}
+            {
+                **call,
+                "function": {
+                    **call["function"],
+                    "arguments": str(call["function"].get("arguments"))[:_NOTE_TEXT_CHARS],
+                },
+            }
             if isinstance(call.get("function"), dict)
             else call
             for call in out["tool_calls"]

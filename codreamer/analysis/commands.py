@@ -48,6 +48,8 @@ def cmd_analyze(
             print(f"analyze: no runs under {runs_root}", file=sys.stderr)
             return 2
         report = analyzer.analyze_cross_run_patterns(last)
+        if judge is not None:
+            report = asyncio.run(analyzer.explain(report))
         out_dir = runs_root / CROSS_RUN_DIR
     else:
         if run_id is None:
@@ -62,8 +64,8 @@ def cmd_analyze(
             print(f"analyze: {exc}", file=sys.stderr)
             return 2
         report = analyzer.analyze_run(run_id)
-    if judge is not None:
-        report = asyncio.run(analyzer.explain(report))
+        if judge is not None:
+            report = asyncio.run(analyzer.explain(report))
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / REPORT_FILE
     report_path.write_text(analyzer.generate_improvement_report(report), encoding="utf-8")

@@ -22,7 +22,6 @@ from typing import Any
 from codreamer.config import Settings
 from codreamer.errors import UsageError
 
-
 #: Settings passed to `backend.train` under the same keyword when set (not None). Each is a keyword
 #: of ART 0.5.23's `LocalBackend.train` and `ServerlessBackend.train` (read from their signatures).
 ART_TRAIN_OPTIONS: tuple[str, ...] = (
@@ -160,4 +159,6 @@ def _serverless_backend(settings: Settings) -> Any:
     check_backend_available(settings)
     from art.serverless.backend import ServerlessBackend
 
-    return ServerlessBackend(api_key=settings.wandb_api_key.get_secret_value())
+    key = settings.wandb_api_key
+    assert key is not None  # check_backend_available refuses serverless without a key
+    return ServerlessBackend(api_key=key.get_secret_value())

@@ -189,7 +189,9 @@ class Export(Verb):
     name = "export"
     run_id: CliPositionalArg[str] = Field(description="the run")
     step: int | None = Field(default=None, ge=1, description="the step to export; unset: the latest on disk")
-    merged: bool = Field(default=False, description="merge the adapter into the base model (a plain transformers folder)")
+    merged: bool = Field(
+        default=False, description="merge the adapter into the base model (a plain transformers folder)"
+    )
     output: Path | None = Field(
         default=None, description="a folder that does not exist yet; unset: <run dir>/exports/step-NNNN[-merged]"
     )
@@ -214,4 +216,6 @@ class Export(Verb):
 
 
 #: The verbs, in the order `codreamer --help` lists them (after `learn-loop` and `train`).
-VERBS: dict[str, type[Verb]] = {verb.name: verb for verb in (Runs, Show, Report, Trace, Ingest, ServeEvents, Analyze, Export)}
+VERBS: dict[str, type[Verb]] = {
+    verb.name: verb for verb in (Runs, Show, Report, Trace, Ingest, ServeEvents, Analyze, Export)
+}
