@@ -417,7 +417,10 @@ class Settings(BaseSettings):
     weave_project: ResumeFree[str] = Field(
         default="codreamer",
         validation_alias=AliasChoices("weave_project", "WEAVE_PROJECT", "CODREAMER_WEAVE_PROJECT"),
-        description="Weave project for traces (online mode only; use the W&B project's name to link calls to runs).",
+        description=(
+            "Weave project for traces: `project` (under the W&B entity) or `entity/project`, as Weave takes it "
+            "(online mode only; use the W&B project's name to link calls to runs)."
+        ),
     )
     tracking_timeout_s: ResumeFree[float] = Field(
         default=10.0,

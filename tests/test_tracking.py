@@ -485,3 +485,27 @@ def test_offline_run_without_a_key_never_prompts_and_keeps_metrics_and_tables(tm
         if path.is_file():
             data = path.read_bytes()
             assert b"argv-sentinel-secret" not in data and b"env-sentinel" not in data, path
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"weave_project": "team/x"}, "team/x"),  # the entity given stays, never prefixed again
+        ({"weave_project": "team/x", "wandb_entity": "alice"}, "team/x"),
+        ({"weave_project": "x"}, "team-x/x"),  # the W&B run's entity
+        ({"weave_project": "x", "wandb_entity": "alice"}, "alice/x"),
+    ],
+)
+def test_weave_project_takes_project_or_entity_slash_project(values: dict[str, Any], expected: str) -> None:
+    wandb, weave = RecordingWandbClient(), RecordingWeaveClient()
+    session = _open(Path(os.getcwd()), wandb, weave, wandb_api_key=KEY, **values)
+    assert [init[0] for init in weave.inits] == [expected] and session.weave_project == expected
+
+
+def test_weave_project_from_the_environment_keeps_its_entity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEAVE_PROJECT", "team/x")
+    wandb, weave = RecordingWandbClient(), RecordingWeaveClient()
+    settings = Settings(_env_file=None, wandb_api_key=KEY)  # type: ignore[call-arg]
+    session = init_tracking(settings, Path(os.getcwd()) / "r", "r", wandb_client=wandb, weave_client=weave)
+    assert weave.inits[0][0] == "team/x" and session.weave
+    assert tracking.weave_project_name("/team/x/", None) == "team/x"

@@ -51,7 +51,7 @@ from codreamer.tracking.clients import WandbClient, WandbLibrary, WeaveClient, W
 from codreamer.tracking.modes import Mode, ModeDecision, choose_mode, wandb_run_id
 from codreamer.tracking.payloads import compact_inputs, compact_payload, metrics_for_wandb
 from codreamer.tracking.session import WANDB_SUBDIR, TrackingSession, disabled_session
-from codreamer.tracking.start import TRACKING_FILE, init_tracking
+from codreamer.tracking.start import TRACKING_FILE, init_tracking, weave_project_name
 
 __all__ = [
     "TRACKING_FILE",
@@ -70,4 +70,5 @@ __all__ = [
     "init_tracking",
     "metrics_for_wandb",
     "wandb_run_id",
+    "weave_project_name",
 ]

@@ -83,10 +83,21 @@ def _go_online(settings: Settings, run_dir: Path, run_id: str, client: WandbClie
     return _start_wandb(client, _wandb_kwargs(settings, run_dir, run_id, "online"))
 
 
+def weave_project_name(project: str, entity: str | None) -> str:
+    """The name `weave.init` gets: `entity/project` as given, else `project` under the W&B entity.
+
+    Weave takes both forms (`project` goes to the key's default entity); a name that already
+    has its entity keeps it, so `WEAVE_PROJECT=team/x` stays `team/x`, never `alice/team/x`.
+    """
+    name = project.strip().strip("/")
+    if "/" in name or not entity:
+        return name
+    return f"{entity}/{name}"
+
+
 def _start_weave(settings: Settings, run: Any, client: WeaveClient) -> tuple[str | None, str | None]:
     """Weave with its write-ahead log, bounded in time; (project, None) or (None, why not)."""
-    entity = settings.wandb_entity or getattr(run, "entity", None)
-    project = f"{entity}/{settings.weave_project}" if entity else settings.weave_project
+    project = weave_project_name(settings.weave_project, settings.wandb_entity or getattr(run, "entity", None))
     os.environ.setdefault("WEAVE_ENABLE_WAL", "true")
     os.environ.setdefault("WEAVE_PRINT_CALL_LINK", "false")
     os.environ.setdefault("WEAVE_HTTP_TIMEOUT", f"{max(settings.tracking_timeout_s, 10.0):g}")
