@@ -61,11 +61,15 @@ class RecordingRun:
         self.url = f"https://wandb.example/{kwargs['project']}/runs/{kwargs['id']}"
         self.dir = str(Path(kwargs["dir"]) / "wandb" / f"run-{kwargs['id']}" / "files")
         self.logged: list[tuple[dict[str, Any], int]] = []
+        self.defined: list[tuple[str, str | None]] = []
         self.summary: dict[str, Any] = {}
         self.exit_code: int | None = None
 
     def log(self, data: dict[str, Any], step: int) -> None:
         self.logged.append((data, step))
+
+    def define_metric(self, name: str, step_metric: str | None = None) -> None:
+        self.defined.append((name, step_metric))
 
     def finish(self, exit_code: int) -> None:
         self.exit_code = exit_code
@@ -268,7 +272,8 @@ def test_online_with_a_key_starts_wandb_then_weave_with_its_write_ahead_log(tmp_
     session.finish("finished")
     session.finish("failed")  # a second finish does nothing
     run = wandb.runs[0]
-    assert logged == {"train/reward_mean": 0.5} and run.logged == [({"train/reward_mean": 0.5}, 3)]
+    both = {"train/reward_mean": 0.5, "train/reward": 0.5, "training_step": 3}  # ours, and ART's names
+    assert logged == both and run.logged == [(both, 3)]
     assert run.exit_code == 0 and run.summary == {"codreamer/status": "finished"} and weave.flushes == 1
 
 
@@ -293,7 +298,7 @@ def test_unreachable_wandb_degrades_to_offline_without_weave(tmp_path: Path) -> 
     assert [k["mode"] for k in wandb.inits] == ["offline"] and weave.inits == []
     assert os.environ["WEAVE_DISABLED"] == "true" and "unreachable" in session.reason
     session.log_metrics({"eval/reward_mean": 0.25}, step=1)
-    assert wandb.runs[0].logged == [({"eval/reward_mean": 0.25}, 1)]
+    assert wandb.runs[0].logged == [({"eval/reward_mean": 0.25, "val/reward": 0.25, "training_step": 1}, 1)]
 
 
 def test_a_failed_online_init_falls_back_to_an_offline_run(tmp_path: Path) -> None:
@@ -328,7 +333,7 @@ def test_disabled_touches_neither_library_and_logs_nothing(tmp_path: Path) -> No
     wandb, weave = RecordingWandbClient(), RecordingWeaveClient()
     session = _open(tmp_path, wandb, weave, wandb=False, wandb_api_key=KEY)
     assert session.mode == "disabled" and session.wandb_run is None
-    assert session.log_metrics({"train/reward_mean": 1.0}, step=1) == {"train/reward_mean": 1.0}
+    assert session.log_metrics({"train/reward_mean": 1.0}, step=1)["train/reward_mean"] == 1.0
     assert not session.log_failures(TableCollector())
     session.finish("finished")
     assert wandb.probes == wandb.inits == [] and weave.inits == [] and os.environ["WEAVE_DISABLED"] == "true"
@@ -473,6 +478,12 @@ def test_offline_run_without_a_key_never_prompts_and_keeps_metrics_and_tables(tm
     history = _history(records)
     assert history[1]["train/reward_mean"] == "0.1" and history[2]["train/reward_mean"] == "0.2"
     assert history[2]["llm/calls"] == "4" and "run_id" not in history[2]
+    # ART's names alongside ours, on ART's x-axis (`training_step`, defined as ART's model.log does)
+    assert history[2]["train/reward"] == "0.2" and history[2]["val/reward"] == "0.3"
+    assert history[2]["training_step"] == "2"
+    defined = {(m.name or m.glob_name, m.step_metric) for r in records if r.WhichOneof("record_type") == "metric"
+               for m in [r.metric]}  # fmt: skip
+    assert {("train/*", "training_step"), ("val/*", "training_step")} <= defined
     assert any(key.startswith("failures/table/") for key in history[2]) and history[2]["failures/count"] == "1"
     kinds = {r.WhichOneof("record_type") for r in records}
     assert {"artifact", "exit"} <= kinds
@@ -509,3 +520,25 @@ def test_weave_project_from_the_environment_keeps_its_entity(monkeypatch: pytest
     session = init_tracking(settings, Path(os.getcwd()) / "r", "r", wandb_client=wandb, weave_client=weave)
     assert weave.inits[0][0] == "team/x" and session.weave
     assert tracking.weave_project_name("/team/x/", None) == "team/x"
+
+
+def test_art_metric_names_are_logged_alongside_ours_on_arts_step_axis(tmp_path: Path) -> None:
+    wandb, weave = RecordingWandbClient(), RecordingWeaveClient()
+    session = _open(tmp_path, wandb, weave, wandb_api_key=KEY)
+    record = {
+        "step": 4, "train/reward_mean": 0.4, "train/reward_std": 0.1, "train/trajectories": 6.0,
+        "train/exceptions": 2.0, "eval/reward_mean": 0.35, "eval/reward_std": 0.05, "eval/reward_count": 9,
+        "eval/exceptions": 1, "eval/reward_ci_low": float("nan"),
+    }  # fmt: skip
+    session.log_metrics(record, step=4)
+    session.log_metrics({"train/reward_mean": 0.5}, step=5)
+    run = wandb.runs[0]
+    (first, step), (second, _) = run.logged
+    assert step == 4 and first["training_step"] == 4 and second["training_step"] == 5
+    assert first["train/reward"] == 0.4 and first["train/reward_std_dev"] == 0.1
+    assert first["train/exception_rate"] == 0.25 and first["val/exception_rate"] == 0.1
+    assert first["val/reward"] == 0.35 and first["val/reward_std_dev"] == 0.05
+    assert first["train/reward_mean"] == 0.4 and "eval/reward_ci_low" not in first  # ours kept, NaN left out
+    # defined once, as ART's model.log does: training_step is the x-axis of train/* and val/*
+    assert run.defined == [("training_step", None), ("train/*", "training_step"), ("val/*", "training_step")]
+    assert tracking.art_metrics({"iteration": 1}, 1) == {}  # nothing of ART's: no axis point either

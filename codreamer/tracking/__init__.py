@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from codreamer.tracking.clients import WandbClient, WandbLibrary, WeaveClient, WeaveLibrary
 from codreamer.tracking.modes import Mode, ModeDecision, choose_mode, wandb_run_id
-from codreamer.tracking.payloads import compact_inputs, compact_payload, metrics_for_wandb
+from codreamer.tracking.payloads import art_metrics, compact_inputs, compact_payload, metrics_for_wandb
 from codreamer.tracking.session import WANDB_SUBDIR, TrackingSession, disabled_session
 from codreamer.tracking.start import TRACKING_FILE, init_tracking, weave_project_name
 
@@ -63,6 +63,7 @@ __all__ = [
     "WandbLibrary",
     "WeaveClient",
     "WeaveLibrary",
+    "art_metrics",
     "choose_mode",
     "compact_inputs",
     "compact_payload",

@@ -50,6 +50,48 @@ def metrics_for_wandb(record: Mapping[str, Any]) -> dict[str, int | float]:
     return out
 
 
+ART_STEP_METRIC = "training_step"
+ART_STEP_AXIS_PREFIXES = ("train", "val")
+_ART_ALIASES = {  # ART's name -> ours (ART's `model.log` names: `{split}/reward`, ...; `val` is held-out)
+    "train/reward": "train/reward_mean",
+    "train/reward_std_dev": "train/reward_std",
+    "val/reward": "eval/reward_mean",
+    "val/reward_std_dev": "eval/reward_std",
+}
+
+
+def _exception_rate(exceptions: Any, completed: Any) -> float | None:
+    """Failed rollouts / all rollouts, or None without both counts (or without any rollout)."""
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (exceptions, completed)):
+        return None
+    total = float(exceptions) + float(completed)
+    return float(exceptions) / total if total > 0 else None
+
+
+def art_metrics(record: Mapping[str, Any], step: int) -> dict[str, int | float]:
+    """ART's names for the same numbers, logged alongside ours so that ART's W&B views work.
+
+    ART's `model.log` logs `train/reward`, `train/reward_std_dev`, `train/exception_rate` and
+    `val/...` (the held-out split) with `training_step` as their x-axis (`define_metric`). Ours
+    are copies under those names: `*/reward` is the mean blended reward trained on (train) or
+    evaluated (val). `reward_std_dev` is the standard deviation over all rewards of the split
+    (ART's is averaged over groups); `exception_rate` = failed rollouts / all rollouts.
+    """
+    out: dict[str, int | float] = {}
+    for art_name, ours in _ART_ALIASES.items():
+        value = record.get(ours)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[art_name] = value
+    for split, completed in (("train", "train/trajectories"), ("val", "eval/reward_count")):
+        prefix = "train" if split == "train" else "eval"
+        rate = _exception_rate(record.get(f"{prefix}/exceptions"), record.get(completed))
+        if rate is not None:
+            out[f"{split}/exception_rate"] = rate
+    if out:
+        out[ART_STEP_METRIC] = int(step)
+    return out
+
+
 def _as_mapping(value: Any) -> Mapping[str, Any] | None:
     if isinstance(value, Mapping):
         return value

@@ -16,7 +16,7 @@ from loguru import logger
 
 from codreamer.tracking.clients import NO_WEAVE, WeaveClient, bounded, short
 from codreamer.tracking.modes import Mode
-from codreamer.tracking.payloads import metrics_for_wandb
+from codreamer.tracking.payloads import ART_STEP_AXIS_PREFIXES, ART_STEP_METRIC, art_metrics, metrics_for_wandb
 
 WANDB_SUBDIR = "wandb"
 
@@ -36,6 +36,7 @@ class TrackingSession:
     degraded: bool = False
     timeout_s: float = 10.0
     finished: bool = False
+    art_axis_defined: bool = False
     weave_client: WeaveClient = field(default=NO_WEAVE, repr=False)  # NO_WEAVE unless Weave started
 
     def log_metrics(self, record: Mapping[str, Any], step: int) -> dict[str, int | float]:
@@ -44,13 +45,25 @@ class TrackingSession:
         Never raises: a W&B failure costs a warning, the local history already has the record.
         """
         metrics = metrics_for_wandb(record)
+        if metrics:
+            metrics |= art_metrics(record, step)  # ART's names too, on ART's x-axis
         if self.wandb_run is None or self.finished or not metrics:
             return metrics
         try:
+            self._define_art_axis(self.wandb_run)
             self.wandb_run.log(metrics, step=int(step))
         except Exception as exc:  # noqa: BLE001 - tracking never stops the loop
             logger.warning("W&B could not log step {}: {}", step, short(exc))
         return metrics
+
+    def _define_art_axis(self, run: Any) -> None:
+        """ART's `training_step` as the x-axis of `train/*` and `val/*`, as ART's `model.log` defines it."""
+        if self.art_axis_defined:
+            return
+        self.art_axis_defined = True
+        run.define_metric(ART_STEP_METRIC)
+        for prefix in ART_STEP_AXIS_PREFIXES:
+            run.define_metric(f"{prefix}/*", step_metric=ART_STEP_METRIC)
 
     def log_failures(self, collector: Any) -> bool:
         """The failure layer's table and artifact (`collector.log_to_wandb(run)`); False without a run."""
