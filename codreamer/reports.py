@@ -21,6 +21,7 @@ from typing import Any
 
 from loguru import logger
 
+from codreamer.analysis.behaviour import behaviour_lines, behaviour_summary
 from codreamer.checkpoints import best_checkpoint, heldout_scores
 from codreamer.markdown import table as _table
 from codreamer.pipeline.evaluation import TOTAL, EvalSummary, compare_evaluations, load_evaluations
@@ -164,7 +165,9 @@ def _overview(data: RunData, summary: dict[str, Any]) -> list[str]:
     ]
     if data.skipped:
         rows.append(("unreadable history lines skipped", str(data.skipped)))
-    return [f"# Run {data.run_id}", "", *_table(("", ""), rows), "", f"![reward curve]({CURVE_FILE})", ""]
+    behaviour = behaviour_lines(behaviour_summary(data.records))
+    agent = ["Agent behaviour:", "", *behaviour, ""] if behaviour else []
+    return [f"# Run {data.run_id}", "", *_table(("", ""), rows), "", *agent, f"![reward curve]({CURVE_FILE})", ""]
 
 
 def _settings_section(data: RunData) -> list[str]:

@@ -25,13 +25,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from codreamer.analysis.failures import load_failures
+from codreamer.analysis.failures import Failure, load_failures
 from codreamer.analysis.judge import AnalyzerJudgeConfig, explain, parse_judge_answer
 from codreamer.analysis.markdown import NO_JUDGE_LINE, generate_improvement_report
 from codreamer.analysis.report import CrossRunReport, Report, RunFailureReport
 from codreamer.analysis.rules import cross_run_report, llm_usage, recommendation, run_report, scheduled_scenarios
 from codreamer.pipeline.history import read_history
-from codreamer.runs import ITERATIONS_FILE, find_run_in, find_runs
+from codreamer.runs import ITERATIONS_FILE, find_run_in, find_runs, read_run_file
 from codreamer.usage import LLMPrices
 
 __all__ = [
@@ -44,6 +44,14 @@ __all__ = [
     "parse_judge_answer",
     "recommendation",
 ]
+
+
+def _status(run_dir: Path) -> str:
+    """The run's status as run.json says (`running`, `finished`, ...), or `no run.json`."""
+    try:
+        return str(read_run_file(run_dir).get("status") or "status unknown")
+    except Exception:  # noqa: BLE001 - a missing or unreadable run.json is only named
+        return "no readable run.json"
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -75,16 +83,41 @@ class FailureAnalyzer:
         return run_report(run_id, failures, _history(directory), skipped_lines=skipped)
 
     def analyze_cross_run_patterns(self, last_n_runs: int = 10) -> CrossRunReport:
-        dirs = self.run_dirs()[-last_n_runs:] if last_n_runs > 0 else []
-        loaded, scheduled, usage = {}, {}, {}
-        for d in dirs:
-            loaded[d.name], _ = load_failures(d)
+        """Patterns across the last `last_n_runs` runs that finished at least one iteration.
+
+        Only finished iterations count (those with a record in `iterations.jsonl`, and the base
+        evaluation before them): a run still running contributes what it has committed, a run
+        without a finished iteration is left out (a 0-iteration run would read as every
+        category "falling"); the report names what it left out and why.
+        """
+        loaded: dict[str, list[Failure]] = {}
+        scheduled: dict[str, set[str]] = {}
+        usage: dict[str, dict[str, float]] = {}
+        left_out: dict[str, str] = {}
+        for d in reversed(self.run_dirs()) if last_n_runs > 0 else ():
+            if len(loaded) >= last_n_runs:
+                break
             records = _history(d)
+            finished = max((int(r["iteration"]) for r in records if isinstance(r.get("iteration"), int)), default=None)
+            if finished is None:
+                left_out[d.name] = f"no finished iteration ({_status(d)})"
+                continue
+            failures, _ = load_failures(d)
+            kept = [f for f in failures if f.iteration <= finished]
+            if len(kept) < len(failures):
+                left_out[d.name] = (
+                    f"{len(failures) - len(kept)} failure(s) of unfinished iterations left out "
+                    f"({_status(d)}, {len(records)} finished iteration(s) used)"
+                )
+            loaded[d.name] = kept
             if found := llm_usage(records):
                 usage[d.name] = found
             per_iteration = scheduled_scenarios(records)
             scheduled[d.name] = set().union(*per_iteration.values()) if per_iteration else set()
-        return cross_run_report(loaded, scheduled, usage)
+        ordered = dict(reversed(loaded.items()))  # oldest first
+        report = cross_run_report(ordered, scheduled, dict(reversed(usage.items())))
+        report.left_out = dict(reversed(left_out.items()))
+        return report
 
     def generate_improvement_report(self, report: RunFailureReport | CrossRunReport) -> str:
         """Markdown for `report` (see `codreamer.analysis.markdown.generate_improvement_report`)."""

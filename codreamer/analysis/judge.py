@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
 from loguru import logger
-from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from codreamer.analysis.categories import FailureCategory
 from codreamer.analysis.report import CrossRunReport, JudgeAnalysis, JudgeResponse, Report, RunFailureReport
 from codreamer.config import Settings
 from codreamer.redaction import redact
-from codreamer.retry import RetryPolicy, is_transient, retrying
 from codreamer.usage import LLMPrices, UsageLedger, current_ledger, timed_llm_call, using_ledger
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 __all__ = ["AnalyzerJudgeConfig", "explain", "parse_judge_answer"]
 
@@ -87,10 +87,12 @@ def _judge_summary(report: RunFailureReport | CrossRunReport) -> dict[str, Any]:
             "agent_behaviour": {
                 str(c): s.model_dump(mode="json", exclude_none=True) for c, s in report.category_stats.items()
             },
+            "agent_behaviour_rates": report.behaviour,
             "examples": {str(c): [e.excerpt for e in es[:2]] for c, es in report.examples.items()},
         }
     return {
         "runs": report.run_ids,
+        "left_out": report.left_out,
         "counts_by_category": {str(c): n for c, n in report.counts_by_category.items()},
         "consistent_prospects": [i.model_dump(mode="json") for i in report.consistent_prospects[:5]],
         "consistent_categories": [i.model_dump(mode="json") for i in report.consistent_categories],
@@ -127,6 +129,10 @@ def _redact(text: str, config: AnalyzerJudgeConfig) -> str:
 
 
 async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | CrossRunReport) -> JudgeAnalysis:
+    import openai  # imported here: reading a run's files (`codreamer analyze` without a judge) needs neither
+
+    from codreamer.retry import RetryPolicy, is_transient, retrying
+
     policy = RetryPolicy(attempts=config.attempts, initial_s=config.backoff_initial_s, max_s=config.backoff_max_s)
     client = openai.AsyncOpenAI(
         base_url=config.base_url,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from codreamer.analysis.behaviour import behaviour_lines
 from codreamer.analysis.categories import sort_categories
 from codreamer.analysis.failures import FAILURES_FILE
 from codreamer.analysis.report import CrossRunReport, JudgeAnalysis, RunFailureReport
@@ -103,6 +104,7 @@ def _run_markdown(report: RunFailureReport) -> str:
         lines.append(f"- iterations: {report.iterations[0]}-{report.iterations[-1]}")
     if report.skipped_lines:
         lines.append(f"- unreadable lines skipped in {FAILURES_FILE}: {report.skipped_lines}")
+    lines += behaviour_lines(report.behaviour)
     lines.append("")
     if not report.total_failures:
         lines += ["No failures recorded for this run.", ""]
@@ -203,6 +205,10 @@ def _cross_markdown(report: CrossRunReport) -> str:
         ],
     )
     lines.append("")
+    if report.left_out:
+        lines += ["Only finished iterations are counted. Left out:", ""]
+        lines += [f"- {run}: {why}" for run, why in report.left_out.items()]
+        lines.append("")
     total = report.total_failures or 1
     lines += ["## Failures by category", "", "Primary category of each failure, all runs.", ""]
     lines += table(

@@ -118,6 +118,9 @@ class RunFailureReport(BaseModel):
     llm_usage: dict[str, float] = Field(
         default_factory=dict, description="Cumulative `llm/*` figures of the last iterations.jsonl record."
     )
+    behaviour: dict[str, float] = Field(
+        default_factory=dict, description="Tool use and auto-finalisation rates (`analysis.behaviour`)."
+    )
     judge: JudgeAnalysis = Field(default_factory=JudgeAnalysis)
 
     @property
@@ -162,6 +165,10 @@ class CrossRunReport(BaseModel):
     trends: list[CategoryTrend] = Field(default_factory=list)
     llm_usage_per_run: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="Runs that recorded usage."
+    )
+    left_out: dict[str, str] = Field(
+        default_factory=dict,
+        description="Runs left out, or with failures of unfinished iterations left out, and why.",
     )
     judge: JudgeAnalysis = Field(default_factory=JudgeAnalysis)
 

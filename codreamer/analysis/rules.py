@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from codreamer.analysis.behaviour import behaviour_summary
 from codreamer.analysis.categories import PRIORITY, FailureCategory
 from codreamer.analysis.failures import Failure
 from codreamer.analysis.report import (
@@ -228,6 +229,7 @@ def run_report(
         }
     )
     report.llm_usage = llm_usage(records)
+    report.behaviour = behaviour_summary(records)
     return report
 
 

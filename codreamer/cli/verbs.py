@@ -179,8 +179,10 @@ class Analyze(Verb):
         from codreamer.analysis.commands import cmd_analyze
         from codreamer.analysis.judge import AnalyzerJudgeConfig
         from codreamer.runs import models_root
+        from codreamer.usage import LLMPrices
 
-        return cmd_analyze(models_root(settings), self.run_id, self.last, AnalyzerJudgeConfig.from_settings(settings))
+        judge, prices = AnalyzerJudgeConfig.from_settings(settings), LLMPrices.from_settings(settings)
+        return cmd_analyze(models_root(settings), self.run_id, self.last, judge, prices=prices)
 
 
 class Export(Verb):
