@@ -124,9 +124,11 @@ class TableCollector:
 
     def __init__(self) -> None:
         self.runs: list[Any] = []
+        self.steps: list[int | None] = []
 
-    def log_to_wandb(self, run: Any) -> bool:
+    def log_to_wandb(self, run: Any, step: int | None = None) -> bool:
         self.runs.append(run)
+        self.steps.append(step)
         return True
 
 
@@ -269,6 +271,7 @@ def test_online_with_a_key_starts_wandb_then_weave_with_its_write_ahead_log(tmp_
     logged = session.log_metrics({"train/reward_mean": 0.5, "step": 3, "run_id": "run-1"}, step=3)
     collector = TableCollector()
     assert session.log_failures(collector) and collector.runs == [wandb.runs[0]]
+    assert session.log_failures(collector, step=7) and collector.steps == [3, 7]  # default: the metrics' step
     session.finish("finished")
     session.finish("failed")  # a second finish does nothing
     run = wandb.runs[0]
@@ -392,30 +395,39 @@ import wandb
 from codreamer.config import Settings
 from codreamer.tracking import init_tracking
 
-class Failures:  # the failure layer's `log_to_wandb(run)` contract (art is left out: its import takes ~15 s)
-    def __init__(self, path):
-        self.path = path
-    def log_to_wandb(self, run):
-        run.log({"failures/table": wandb.Table(columns=["category"], data=[["timeout"]]), "failures/count": 1})
-        artifact = wandb.Artifact(name="failures-run-x", type="failures")
-        artifact.add_file(str(self.path), name="failures.jsonl")
-        run.log_artifact(artifact)
-        return True
+from codreamer.analysis.failures import Failure, FailureStore
+from codreamer.analysis.wandb_log import log_failures
+
+
+class Failures:  # the failure layer's `log_to_wandb(run, step)` contract, over the real wandb_log (no art)
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+    def log_to_wandb(self, run, step=None):
+        return log_failures(self.run_dir, "run-x", run, step)
+    def add(self, iteration, n):
+        FailureStore(self.run_dir).store(Failure(
+            failure_id=f"f{iteration}-{n}", run_id="run-x", iteration=iteration, step=iteration,
+            scenario_id="outreach-p001", input_hash="in-hash", output_hash="out-hash", category="timeout",
+            categories=["timeout"], source="exception", agent_state={"turns": 2, "auto_finalized": True},
+        ))
 
 runs, mode = Path(sys.argv[1]), sys.argv[2]
 settings = Settings(runs_dir=runs, wandb_mode=None if mode == "auto" else mode)
 run_dir = runs / "run-x"
 session = init_tracking(settings, run_dir, "run-x", resumed=False)
+failures, logged = Failures(run_dir), []
 for step in (1, 2):
     session.log_metrics({"train/reward_mean": step / 10, "eval/reward_mean": 0.3, "llm/calls": 4, "run_id": "run-x"}, step)
-(run_dir / "failures.jsonl").write_text('{"failure_id": "f1", "category": "timeout"}\\n')
-logged = session.log_failures(Failures(run_dir / "failures.jsonl"))
+    for n in range(step):  # iteration 1: one failure, iteration 2: two more
+        failures.add(step, n)
+    logged.append(session.log_failures(failures))  # after each iteration, at its step
+logged.append(session.log_failures(failures))  # at close: nothing new, no table, no artifact
 session.finish("finished")
 again = init_tracking(Settings(runs_dir=runs, wandb_mode="online"), run_dir, "run-x", resumed=True)
 again.log_metrics({"train/reward_mean": 0.9}, 3)
 again.finish("finished")
 ids = [session.wandb_run_id, again.wandb_run_id]
-print(json.dumps({"modes": [session.mode, again.mode], "ids": ids, "failures": logged}))
+print(json.dumps({"modes": [session.mode, again.mode], "ids": ids, "failures": all(logged)}))
 """
 
 
@@ -484,9 +496,25 @@ def test_offline_run_without_a_key_never_prompts_and_keeps_metrics_and_tables(tm
     defined = {(m.name or m.glob_name, m.step_metric) for r in records if r.WhichOneof("record_type") == "metric"
                for m in [r.metric]}  # fmt: skip
     assert {("train/*", "training_step"), ("val/*", "training_step")} <= defined
-    assert any(key.startswith("failures/table/") for key in history[2]) and history[2]["failures/count"] == "1"
-    kinds = {r.WhichOneof("record_type") for r in records}
-    assert {"artifact", "exit"} <= kinds
+    # a failure table per iteration, at its step, with the failures new in it (hashes, agent state)
+    tables = {
+        step: {
+            k.removeprefix("failures/table/"): json.loads(v) for k, v in row.items() if k.startswith("failures/table/")
+        }
+        for step, row in history.items()
+    }
+    assert [tables[1]["nrows"], tables[2]["nrows"]] == [1, 2] and tables[1]["path"] != tables[2]["path"]
+    assert history[1]["failures/count"] == "1" and history[2]["failures/count"] == "3"
+    assert history[2]["failures/logged"] == "2"
+    table_file = first / "files" / tables[2]["path"]
+    table = json.loads(table_file.read_text())
+    row = dict(zip(table["columns"], table["data"][0], strict=True))
+    assert row["input_hash"] == "in-hash" and row["output_hash"] == "out-hash" and row["iteration"] == 2
+    assert json.loads(row["agent_state"]) == {"auto_finalized": True, "turns": 2}
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    versions = [a for a in artifacts if a.name == "failures-run-x"]  # (wandb stores each table as one too)
+    assert [json.loads(a.metadata)["iterations"] for a in versions] == [[1], [2]]  # one version per iteration
+    assert {"exit"} <= {r.WhichOneof("record_type") for r in records}
     assert _history(_wandb_records(next(second.glob("*.wandb"))))[3]["train/reward_mean"] == "0.9"
     sessions = [json.loads(line) for line in (wandb_dir.parent / TRACKING_FILE).read_text().splitlines()]
     assert [s["mode"] for s in sessions] == ["offline", "offline"] and sessions[1]["resumed"] is True

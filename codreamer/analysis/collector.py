@@ -493,8 +493,9 @@ class FailureCollector:
         """Every failed version of one scenario, oldest first (the last is the latest attempt)."""
         return self.store.lineage(scenario_id)
 
-    def log_to_wandb(self, run: Any | None = None) -> bool:
-        """Log the failures table and artifact to W&B (`codreamer.analysis.wandb_log`); False without a run."""
+    def log_to_wandb(self, run: Any | None = None, step: int | None = None) -> bool:
+        """Log the failures new since the last log to W&B at `step` (`codreamer.analysis.wandb_log`);
+        False without a run."""
         from codreamer.analysis.wandb_log import log_failures  # W&B is heavy and optional
 
-        return log_failures(self.run_dir, self.run_id, run)
+        return log_failures(self.run_dir, self.run_id, run, step)

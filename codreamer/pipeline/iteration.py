@@ -252,4 +252,5 @@ async def run_iteration(run: Run, iteration: int, evaluate_after: bool) -> dict[
     append_record(run.history_path, record)
     _commit(run, iteration, result.step)
     run.tracking.log_metrics(record, result.step)
+    run.tracking.log_failures(run.failures, result.step)  # this iteration's new failures, at its step
     return record

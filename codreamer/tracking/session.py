@@ -37,6 +37,7 @@ class TrackingSession:
     timeout_s: float = 10.0
     finished: bool = False
     art_axis_defined: bool = False
+    last_step: int | None = None
     weave_client: WeaveClient = field(default=NO_WEAVE, repr=False)  # NO_WEAVE unless Weave started
 
     def log_metrics(self, record: Mapping[str, Any], step: int) -> dict[str, int | float]:
@@ -52,6 +53,7 @@ class TrackingSession:
         try:
             self._define_art_axis(self.wandb_run)
             self.wandb_run.log(metrics, step=int(step))
+            self.last_step = int(step)
         except Exception as exc:  # noqa: BLE001 - tracking never stops the loop
             logger.warning("W&B could not log step {}: {}", step, short(exc))
         return metrics
@@ -65,12 +67,15 @@ class TrackingSession:
         for prefix in ART_STEP_AXIS_PREFIXES:
             run.define_metric(f"{prefix}/*", step_metric=ART_STEP_METRIC)
 
-    def log_failures(self, collector: Any) -> bool:
-        """The failure layer's table and artifact (`collector.log_to_wandb(run)`); False without a run."""
+    def log_failures(self, collector: Any, step: int | None = None) -> bool:
+        """The failures new since the last call, as a table and an artifact version, at `step`
+        (unset: the last step metrics were logged at); `collector.log_to_wandb(run, step)`.
+        False without a run. The loop calls it after each iteration and when the run closes."""
         if self.wandb_run is None or self.finished:
             return False
+        step = self.last_step if step is None else int(step)
         try:
-            return bool(collector.log_to_wandb(self.wandb_run))
+            return bool(collector.log_to_wandb(self.wandb_run, step))
         except Exception as exc:  # noqa: BLE001 - the failures stay in the run directory
             logger.warning("W&B could not log the failures table: {}", short(exc))
             return False
