@@ -362,6 +362,42 @@ class Settings(BaseSettings):
         gt=0,
         description="Webhook: refuse requests whose signed timestamp is further than this from now, seconds.",
     )
+    # --- delayed credit (outcomes that arrive after their step) ------------------------------
+    replay_max_groups: int = Field(
+        default=4,
+        ge=0,
+        description="Delayed credit: at most this many earlier groups whose outcomes arrived since the last step "
+        "are re-scored and replayed in a GRPO step (0 = off).",
+    )
+    replay_max_age: int = Field(
+        default=10, ge=1, description="Delayed credit: replay only groups of the last N iterations."
+    )
+    replay_weight: int = Field(
+        default=1,
+        ge=1,
+        description="Delayed credit: each replayed trajectory enters its group this many times, so a replayed group "
+        "weighs N times an online group of its size in the token-averaged loss (advantages unchanged).",
+    )
+    attribution_window_iterations: int | None = Field(
+        default=2,
+        ge=1,
+        description="A sent email without a reply after N iterations gets a 'no reply' event (source window); "
+        "unset: no iteration window.",
+    )
+    attribution_window_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="A sent email without a reply after this many seconds gets a 'no reply' event (source window).",
+    )
+    simulator_late_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Simulator: share of outcomes (seeded per trajectory) delivered --simulator-late-iterations later.",
+    )
+    simulator_late_iterations: int = Field(
+        default=1, ge=1, description="Simulator: how many iterations late its late outcomes arrive."
+    )
     judge_model: str | None = Field(
         default=None, description="RULER judge as a litellm model name, e.g. openai/gpt-4.1-mini. Unset: no judge."
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import CliPositionalArg
@@ -168,6 +168,24 @@ class ServeEvents(Verb):
         )
 
 
+class OutboxVerb(Verb):
+    """Export the emails a run's training rollouts sent (trajectory id to echo back with outcomes)."""
+
+    name = "outbox"
+    run_id: CliPositionalArg[str] = Field(description="the run")
+    since: str | None = Field(default=None, description="only emails sent at or after this ISO time (naive = UTC)")
+    format: Literal["jsonl", "csv"] = Field(default="jsonl", description="jsonl or csv")
+    output: Path | None = Field(default=None, description="write to this file; unset: stdout")
+
+    def run(self, settings: Settings) -> int:
+        from codreamer.events.cli_commands import cmd_outbox
+
+        path = _find_run(settings, self.run_id)
+        if path is None:
+            return 2
+        return cmd_outbox(path, self.since, self.format, self.output)
+
+
 class Analyze(Verb):
     """Write a failure report and category chart for a run (default: the latest) or the last N runs."""
 
@@ -219,5 +237,5 @@ class Export(Verb):
 
 #: The verbs, in the order `codreamer --help` lists them (after `learn-loop` and `train`).
 VERBS: dict[str, type[Verb]] = {
-    verb.name: verb for verb in (Runs, Show, Report, Trace, Ingest, ServeEvents, Analyze, Export)
+    verb.name: verb for verb in (Runs, Show, Report, Trace, Ingest, ServeEvents, OutboxVerb, Analyze, Export)
 }

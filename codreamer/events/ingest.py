@@ -85,6 +85,9 @@ class IngestReport(BaseModel):
     duplicates: int = 0
     invalid: int = 0
     errors: list[str] = Field(default_factory=list)
+    trajectory_ids: list[str] = Field(
+        default_factory=list, description="Distinct ids of the valid rows (first seen order)."
+    )
 
 
 class _RowError(ValueError):
@@ -351,8 +354,17 @@ def ingest_file(
     return report
 
 
+MAX_IDS_KEPT = 100_000
+"""Distinct trajectory ids an ingest report keeps (to check them against the outboxes)."""
+
+
 def _flush(log: EventLog, batch: list[OnlineOutcome], report: IngestReport) -> None:
     if batch:
+        seen = set(report.trajectory_ids)
+        for outcome in batch:
+            if outcome.trajectory_id not in seen and len(seen) < MAX_IDS_KEPT:
+                seen.add(outcome.trajectory_id)
+                report.trajectory_ids.append(outcome.trajectory_id)
         result = log.append_new(batch)
         report.appended += result.accepted
         report.duplicates += result.duplicates

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from codreamer.events.log import EventLog
 from codreamer.events.models import OnlineOutcome
+from codreamer.events.outbox import KnownTrajectories
 
 SIGNATURE_HEADER = "X-CoDreamer-Signature"
 TIMESTAMP_HEADER = "X-CoDreamer-Timestamp"
@@ -49,6 +50,8 @@ _LOCK_KEY = web.AppKey("append_lock", asyncio.Lock)
 _MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 _TOLERANCE_KEY = web.AppKey("tolerance_s", float)
 _CLOCK_KEY: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+_KNOWN_KEY: web.AppKey[KnownTrajectories | None] = web.AppKey("known_trajectories")
+MAX_UNKNOWN_LISTED = 20
 
 
 def _mac(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -160,7 +163,14 @@ async def _post_events(request: web.Request) -> web.Response:
     async with request.app[_LOCK_KEY]:  # one EventLog, one writer thread at a time
         result = await asyncio.to_thread(request.app[_LOG_KEY].append_new, outcomes)
     logger.info("webhook: {} event(s) accepted, {} duplicate(s)", result.accepted, result.duplicates)
-    return web.json_response({"accepted": result.accepted, "duplicates": result.duplicates})
+    reply: dict[str, Any] = {"accepted": result.accepted, "duplicates": result.duplicates}
+    known = request.app[_KNOWN_KEY]
+    if known is not None:
+        unknown = await asyncio.to_thread(known.unknown, [o.trajectory_id for o in outcomes])
+        if unknown:  # kept in the log all the same: the email may be in an outbox not written yet
+            logger.warning("webhook: {} event(s) for trajectory ids in no outbox: {}", len(unknown), unknown[:5])
+        reply |= {"unknown_trajectories": len(unknown), "unknown_trajectory_ids": unknown[:MAX_UNKNOWN_LISTED]}
+    return web.json_response(reply)
 
 
 def build_webhook_app(
@@ -170,8 +180,12 @@ def build_webhook_app(
     *,
     tolerance_s: float = DEFAULT_TOLERANCE_S,
     clock: Callable[[], float] = time.time,
+    known: KnownTrajectories | None = None,
 ) -> web.Application:
-    """The aiohttp application serving `POST /events` into `log`; ValueError for a weak secret."""
+    """The aiohttp application serving `POST /events` into `log`; ValueError for a weak secret.
+
+    With `known` (the project's outboxes), the reply also counts and lists the accepted events'
+    trajectory ids that no outbox holds (`unknown_trajectories`): reported, and stored anyway."""
     check_secret(secret)
     if not tolerance_s > 0:
         raise ValueError(f"the timestamp tolerance must be > 0 seconds, got {tolerance_s}")
@@ -182,6 +196,7 @@ def build_webhook_app(
     app[_MAX_BODY_KEY] = max_body_bytes
     app[_TOLERANCE_KEY] = float(tolerance_s)
     app[_CLOCK_KEY] = clock
+    app[_KNOWN_KEY] = known
     app.router.add_post("/events", _post_events)
     return app
 
@@ -193,10 +208,11 @@ async def serve_events(
     port: int = 8787,
     *,
     tolerance_s: float = DEFAULT_TOLERANCE_S,
+    known: KnownTrajectories | None = None,
 ) -> None:
     """Serve the webhook until cancelled. Refuses to start without a secret of 32 bytes or more."""
     check_secret(secret)
-    runner = web.AppRunner(build_webhook_app(log, secret or "", tolerance_s=tolerance_s))
+    runner = web.AppRunner(build_webhook_app(log, secret or "", tolerance_s=tolerance_s, known=known))
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

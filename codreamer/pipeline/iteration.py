@@ -1,4 +1,9 @@
-"""One iteration: generate + score -> GRPO update -> evaluate -> prune -> log -> commit.
+"""One iteration: generate + score (+ delayed credit) -> GRPO update -> evaluate -> prune -> log -> commit.
+
+With online outcomes, the emails of the training rollouts are recorded in the outbox before
+scoring, and after scoring the groups of earlier iterations whose outcome arrived since the
+last step are re-scored and join the step (`codreamer.pipeline.outcomes`, `.credit`); the
+selection is saved with the `scored` stage and its markers committed with the history record.
 
 `run_iteration(run, iteration, evaluate_after)` runs iteration number `iteration` (from 1,
 as in the history, the reports and W&B; see `codreamer.pipeline.state`). Each stage runs
@@ -22,6 +27,7 @@ from codreamer.backends.factory import train_options
 from codreamer.checkpoints import prune_checkpoints, prune_through_backend
 from codreamer.domain import Scenario
 from codreamer.local_trace import traced
+from codreamer.pipeline.credit import ReplayPlan
 from codreamer.pipeline.evaluation import (
     EvalSummary,
     compare_evaluations,
@@ -32,6 +38,7 @@ from codreamer.pipeline.evaluation import (
 )
 from codreamer.pipeline.fanout import RolloutFailuresError
 from codreamer.pipeline.history import append_record
+from codreamer.pipeline.outcomes import credit_before_step, record_outbox
 from codreamer.pipeline.progress import Progress, state_of, timed_stage
 from codreamer.pipeline.records import iteration_record
 from codreamer.pipeline.run import Run
@@ -58,17 +65,22 @@ class TrainOutcome:
 
 
 def _collect_no_reply(run: Run, groups: list[art.TrajectoryGroup], iteration: int, step: int) -> None:
-    """Sent emails whose outcome (simulated or ingested) says no reply: an "outcome" failure."""
+    """Sent emails whose outcome (simulated or ingested) says no reply: an "outcome" failure,
+    labelled with where outcomes come from (`outcome_source`: simulator or event log). A
+    replayed trajectory counts for the iteration it was sent in (recorded once)."""
+    source = "simulator (seeded ProspectSimulator, not real data)" if run.scorer.simulator else "event log"
     for group in groups:
         for trajectory in group.trajectories:
             if trajectory.metrics.get("outcome/replied") != 0.0:
                 continue
             meta = trajectory.metadata
+            sent = trajectory.metrics.get("replay/sent_iteration")
             run.failures.add_no_reply(
                 str(meta["trajectory_id"]),
                 str(meta.get("prospect_id")),
-                iteration=iteration,
-                step=step,
+                iteration=iteration if sent is None else int(sent),
+                step=int(meta.get("step", step)) if sent is not None else step,
+                agent_state={"outcome_source": source},
                 scenario_id=meta.get("scenario_id"),
                 output=f"Subject: {meta.get('email_subject', '')}\n\n{meta.get('email_body', '')}",
                 reward=trajectory.reward,
@@ -90,18 +102,24 @@ async def _generate(run: Run, progress: Progress, scenarios: list[Scenario]) -> 
 
 async def _generate_and_score(
     run: Run, progress: Progress, scenarios: list[Scenario]
-) -> tuple[list[art.TrajectoryGroup], ScoringSummary]:
+) -> tuple[list[art.TrajectoryGroup], ScoringSummary, ReplayPlan]:
+    iteration = progress.iteration
     if progress.done("scored"):
-        return load_groups(progress.load("groups")), ScoringSummary(**progress.load("scoring"))
+        replay = ReplayPlan.load(load_work(run.directory, iteration, "replay"))
+        return load_groups(progress.load("groups")), ScoringSummary(**progress.load("scoring")), replay
     if progress.done("generated"):
         groups = load_groups(progress.load("groups"))
     else:
         groups = await _generate(run, progress, scenarios)
     step = progress.step
-    work = score_trajectories(groups, scenarios, run.scorer, step=step, emails_sent=run.scorer.events is not None)
-    scoring = await timed_stage(run, "score", progress.timings, work, iteration=progress.iteration, step=step)
-    progress.save("scored", step, groups=dump_groups(groups), scoring=vars(scoring))
-    return groups, scoring
+    online = run.scorer.events is not None
+    if online:  # sent when scored: the outbox holds them first (once each, whatever a resume repeats)
+        record_outbox(run, groups, iteration, step)
+    work = score_trajectories(groups, scenarios, run.scorer, step=step, emails_sent=online, iteration=iteration)
+    scoring = await timed_stage(run, "score", progress.timings, work, iteration=iteration, step=step)
+    replay = credit_before_step(run, groups, iteration, step) if online else ReplayPlan()
+    progress.save("scored", step, groups=dump_groups(groups), scoring=vars(scoring), replay=replay.dump())
+    return groups, scoring, replay
 
 
 async def _train(run: Run, progress: Progress, groups: list[art.TrajectoryGroup]) -> TrainOutcome:
@@ -218,12 +236,13 @@ async def run_iteration(run: Run, iteration: int, evaluate_after: bool) -> dict[
     if progress.resumed_stage is not None:
         logger.info("resuming iteration {} after its '{}' stage", iteration, progress.resumed_stage)
 
-    groups, scoring = await _generate_and_score(run, progress, scenarios)
+    groups, scoring, replay = await _generate_and_score(run, progress, scenarios)
     train_stats = RewardStats.of([t for g in groups for t in g.trajectories])
     new_failures = len(run.failures.collect_groups(groups, iteration, step, scenarios=scenarios))
     _collect_no_reply(run, groups, iteration, step)
+    _collect_no_reply(run, replay.groups, iteration, step)
 
-    result = await _train(run, progress, groups)
+    result = await _train(run, progress, groups + replay.groups)
 
     eval_groups: list[art.TrajectoryGroup] = []
     eval_fields: dict[str, Any] = {}
@@ -249,6 +268,8 @@ async def run_iteration(run: Run, iteration: int, evaluate_after: bool) -> dict[
         timings,
         new_failures,
     )
+    record |= replay.record_fields()  # the replay markers are committed with the record
+    record["train/trajectory_ids"] = [str(t.metadata["trajectory_id"]) for g in groups for t in g.trajectories]
     append_record(run.history_path, record)
     _commit(run, iteration, result.step)
     run.tracking.log_metrics(record, result.step)

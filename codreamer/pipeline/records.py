@@ -76,6 +76,8 @@ def iteration_record(
         "score/judge_errors": scoring.judge_errors,
         "score/renormalized": scoring.renormalized,
         "score/outcomes_appended": scoring.outcomes_appended,
+        "score/outcomes_held_back": scoring.outcomes_held_back,
+        "score/outcomes_delivered_late": scoring.outcomes_delivered_late,
         **{f"train_metrics/{k}": v for k, v in train_metrics.items()},
         **eval_fields,
         **{f"time/{k}": v for k, v in timings.items()},

@@ -167,14 +167,28 @@ def _resume_state(directory: Path, run_id: str) -> RunState | None:
 # --------------------------------------------------------------------------- wiring
 
 
-def build_scorer(settings: Settings, task: TaskData, *, online: bool) -> RewardScorer:
-    """The reward sources this run uses; `train` (online=False) never touches the event log."""
+def build_scorer(settings: Settings, task: TaskData, *, online: bool, directory: Path | None = None) -> RewardScorer:
+    """The reward sources this run uses; `train` (online=False) never touches the event log.
+
+    With the simulator and a run `directory`, late simulated outcomes wait in
+    `<run dir>/replay/simulator_pending.jsonl` for their iteration."""
     events = simulator = None
+    pending = None
     if online and settings.outcomes != "off":
         events = EventLog.open(settings.resolved_events_path())
         if settings.outcomes == "simulator":
-            simulator = ProspectSimulator(settings.seed)
-            logger.info("online outcomes come from the ProspectSimulator (seeded simulator, not real data)")
+            simulator = ProspectSimulator(
+                settings.seed,
+                late_share=settings.simulator_late_share,
+                late_iterations=settings.simulator_late_iterations,
+            )
+            pending = directory / "replay" / "simulator_pending.jsonl" if directory is not None else None
+            logger.info(
+                "online outcomes come from the ProspectSimulator (seeded simulator, not real data); "
+                "{:.0%} of them arrive {} iteration(s) late",
+                settings.simulator_late_share if pending is not None else 0.0,
+                settings.simulator_late_iterations,
+            )
     if settings.judge_model is None and settings.ruler_weight > 0:
         logger.info("no judge configured (--judge-model): RULER is left out and the other parts renormalised")
     return RewardScorer(
@@ -184,6 +198,7 @@ def build_scorer(settings: Settings, task: TaskData, *, online: bool) -> RewardS
         events=events,
         simulator=simulator,
         auto_finalize_factor=settings.auto_finalize_factor,
+        pending_path=pending,
     )
 
 
@@ -217,7 +232,7 @@ async def _wire(settings: Settings, kind: LoopKind, run_id: str, directory: Path
         backend=backend,
         model=model,
         plan=RolloutPlan.from_settings(settings, task.product),
-        scorer=build_scorer(settings, task, online=kind == "learn-loop"),
+        scorer=build_scorer(settings, task, online=kind == "learn-loop", directory=directory),
         failures=FailureCollector(directory, run_id, settings.low_reward_threshold, product=task.product),
         retries=RetryCounter.from_metrics(last),
         usage=UsageLedger.from_totals(last, LLMPrices.from_settings(settings)),

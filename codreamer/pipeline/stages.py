@@ -125,9 +125,10 @@ async def score_trajectories(
     *,
     step: int,
     emails_sent: bool,
+    iteration: int | None = None,
 ) -> ScoringSummary:
     """Blend rubric, RULER and online outcomes into each trajectory's reward (parts in metrics)."""
-    return await scorer.score(groups, scenarios, step=step, emails_sent=emails_sent)
+    return await scorer.score(groups, scenarios, step=step, emails_sent=emails_sent, iteration=iteration)
 
 
 @weave.op

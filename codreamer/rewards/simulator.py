@@ -10,6 +10,12 @@ or chatter gets only the persona's base rates, whatever its other parts say. Dra
 seeded by (seed, trajectory id), so the same email in the same run always gets the same
 outcome. Outcomes are tagged `source="simulator"` in the event log; real outcomes replace
 it through `codreamer ingest` or the webhook.
+
+Late answers: like real prospects, the simulator answers a share of emails (`late_share`,
+drawn per trajectory from its own seeded stream, independent of the outcome's draws) only
+`late_iterations` iterations after they were sent (`delay_of`); the scorer holds those outcomes
+back and delivers them then, so the loop's delayed credit (re-scoring and replaying earlier
+groups) is exercised by every simulated run.
 """
 
 from __future__ import annotations
@@ -58,16 +64,30 @@ def _form(rubric: RubricScore) -> float:
     return next((p.score for p in rubric.parts if p.name == "email_form"), 1.0)
 
 
-def _rng(seed: int, trajectory_id: str) -> random.Random:
-    digest = hashlib.sha256(f"{seed}:{trajectory_id}".encode()).digest()
+def _rng(seed: int, trajectory_id: str, stream: str = "") -> random.Random:
+    digest = hashlib.sha256(f"{seed}:{stream}{trajectory_id}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
 class ProspectSimulator:
     """Seeded simulator of opens and replies; see the module docstring."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, *, late_share: float = 0.0, late_iterations: int = 1) -> None:
+        if not 0.0 <= late_share <= 1.0:
+            raise ValueError(f"late_share must be in [0, 1], got {late_share}")
+        if late_iterations < 1:
+            raise ValueError(f"late_iterations must be >= 1, got {late_iterations}")
         self.seed = seed
+        self.late_share = late_share
+        self.late_iterations = late_iterations
+
+    def delay_of(self, trajectory_id: str) -> int:
+        """Iterations after sending that this email's outcome arrives: 0, or `late_iterations`
+        for a seeded `late_share` of the emails (the same email always gets the same delay)."""
+        if self.late_share <= 0.0:
+            return 0
+        late = _rng(self.seed, trajectory_id, "late:").random() < self.late_share
+        return self.late_iterations if late else 0
 
     def open_probability(self, prospect: Prospect, rubric: RubricScore) -> float:
         profile = PROFILES[prospect.persona]
