@@ -14,6 +14,11 @@ Two clients, one interface (`PolicyClient.complete`):
   types (`openai.APITimeoutError`, `openai.RateLimitError`, ...), so retries and failure
   categories treat both clients the same.
 
+Both clients' `complete` is the Weave op `chat_completion` (`codreamer.tracking.ops.llm_op`):
+every policy call is a node under its rollout in Weave, whichever client made it (the
+direct client is not something Weave patches by itself), its inputs compacted and the
+client's key never recorded.
+
 Measured with `scripts/bench_rollouts.py` (see the README's performance section).
 A client holds a connection pool bound to the running event loop: open it with
 `open_policy_client` around a stage (or one rollout) so it is closed when the stage ends.
@@ -35,6 +40,7 @@ import pydantic
 from openai.types.chat import ChatCompletion
 
 from codreamer.config import InferenceClientKind
+from codreamer.tracking.ops import llm_op
 
 __all__ = [
     "DirectPolicyClient",
@@ -84,6 +90,7 @@ class OpenAIPolicyClient:
         self._http = openai.DefaultAioHttpClient(limits=limits, verify=_tls_context())
         self._client = model.openai_client().with_options(max_retries=0, http_client=self._http)
 
+    @llm_op("chat_completion")
     async def complete(self, request: dict[str, Any], *, timeout_s: float) -> ChatCompletion:
         return await self._client.chat.completions.create(**request, timeout=timeout_s)
 
@@ -100,6 +107,7 @@ class DirectPolicyClient:
         headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections), headers=headers)
 
+    @llm_op("chat_completion")
     async def complete(self, request: dict[str, Any], *, timeout_s: float) -> ChatCompletion:
         body = json.dumps(request).encode()
         try:

@@ -20,6 +20,7 @@ from codreamer.analysis.categories import FailureCategory
 from codreamer.analysis.report import CrossRunReport, JudgeAnalysis, JudgeResponse, Report, RunFailureReport
 from codreamer.config import Settings
 from codreamer.redaction import redact
+from codreamer.tracking.ops import llm_op
 from codreamer.usage import LLMPrices, UsageLedger, current_ledger, timed_llm_call, using_ledger
 
 if TYPE_CHECKING:
@@ -128,6 +129,12 @@ def _redact(text: str, config: AnalyzerJudgeConfig) -> str:
     return redact(text, config.api_key)[:_MAX_REASON_CHARS]
 
 
+@llm_op("analyzer_completion")
+async def analyzer_completion(client: Any, model: str, messages: list[Any], max_tokens: int) -> Any:
+    """One call to the analyzer's judge: a Weave op (`llm_op`) when Weave runs, its key never recorded."""
+    return await client.chat.completions.create(model=model, messages=messages, temperature=0.0, max_tokens=max_tokens)
+
+
 async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | CrossRunReport) -> JudgeAnalysis:
     import openai  # imported here: reading a run's files (`codreamer analyze` without a judge) needs neither
 
@@ -154,9 +161,7 @@ async def _ask_judge(config: AnalyzerJudgeConfig, report: RunFailureReport | Cro
     async def one_call() -> str | None:
         async for attempt in retrying(policy, "analysis judge", secrets=(config.api_key,)):
             with attempt, timed_llm_call("analyzer", config.model) as call:
-                completion = await client.chat.completions.create(
-                    model=config.model, messages=messages, temperature=0.0, max_tokens=config.max_tokens
-                )
+                completion = await analyzer_completion(client, config.model, messages, config.max_tokens)
                 call.set_usage(getattr(completion, "usage", None))
                 if not completion.choices:
                     return None
