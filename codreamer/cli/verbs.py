@@ -235,7 +235,26 @@ class Export(Verb):
         return 0
 
 
+class SyncTraces(Verb):
+    """Upload a run's local trace.jsonl to Weave (same tree, names and timestamps); a second sync adds nothing."""
+
+    name = "sync-traces"
+    run_id: CliPositionalArg[str] = Field(description="the run")
+    project: str | None = Field(
+        default=None, description="Weave project (project or entity/project); unset: WEAVE_PROJECT"
+    )
+
+    def run(self, settings: Settings) -> int:
+        from codreamer.tracking.sync import cmd_sync_traces
+
+        path = _find_run(settings, self.run_id)
+        if path is None:
+            return 2
+        return cmd_sync_traces(settings, path, path.name, self.project)
+
+
 #: The verbs, in the order `codreamer --help` lists them (after `learn-loop` and `train`).
 VERBS: dict[str, type[Verb]] = {
-    verb.name: verb for verb in (Runs, Show, Report, Trace, Ingest, ServeEvents, OutboxVerb, Analyze, Export)
+    verb.name: verb
+    for verb in (Runs, Show, Report, Trace, SyncTraces, Ingest, ServeEvents, OutboxVerb, Analyze, Export)
 }
