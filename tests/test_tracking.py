@@ -44,7 +44,8 @@ ENV_NAMES = (
 def clean_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No key or mode from the machine; the module's process-wide state reset; env restored after."""
     for name in ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so what tracking sets (WEAVE_ENABLE_WAL, ...) is undone after
+        monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.setattr(process, "STATE", process.ProcessState())
 

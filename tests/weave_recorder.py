@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -120,6 +121,8 @@ def weave_client(server: RecordingWeaveServer, project: str = "team/codreamer") 
     from codreamer.tracking import compact_inputs, compact_payload
 
     entity, name = project.split("/")
+    wal = os.environ.get("WEAVE_ENABLE_WAL")
+    os.environ["WEAVE_ENABLE_WAL"] = "false"  # straight to the wire, never to ~/.weave/wal
     client = WeaveClient(
         entity,
         name,
@@ -134,3 +137,7 @@ def weave_client(server: RecordingWeaveServer, project: str = "team/codreamer") 
     finally:
         client.flush()
         weave_client_context.set_weave_client_global(None)
+        if wal is None:
+            os.environ.pop("WEAVE_ENABLE_WAL", None)
+        else:
+            os.environ["WEAVE_ENABLE_WAL"] = wal
