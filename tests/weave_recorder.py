@@ -121,8 +121,10 @@ def weave_client(server: RecordingWeaveServer, project: str = "team/codreamer") 
     from codreamer.tracking import compact_inputs, compact_payload
 
     entity, name = project.split("/")
-    wal = os.environ.get("WEAVE_ENABLE_WAL")
+    saved = {name: os.environ.get(name) for name in ("WEAVE_ENABLE_WAL", "WEAVE_DISABLED")}
     os.environ["WEAVE_ENABLE_WAL"] = "false"  # straight to the wire, never to ~/.weave/wal
+    # An earlier run in this process (an offline loop test) may have left ops switched off.
+    os.environ["WEAVE_DISABLED"] = "false"
     client = WeaveClient(
         entity,
         name,
@@ -137,7 +139,8 @@ def weave_client(server: RecordingWeaveServer, project: str = "team/codreamer") 
     finally:
         client.flush()
         weave_client_context.set_weave_client_global(None)
-        if wal is None:
-            os.environ.pop("WEAVE_ENABLE_WAL", None)
-        else:
-            os.environ["WEAVE_ENABLE_WAL"] = wal
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
