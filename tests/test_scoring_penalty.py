@@ -124,3 +124,20 @@ def test_the_factor_must_be_a_fraction() -> None:
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="auto_finalize_factor"):
             RewardScorer(PRODUCT, mix, auto_finalize_factor=bad)
+
+
+@pytest.mark.anyio
+async def test_only_emails_that_count_as_sent_get_a_simulated_outcome(tmp_path) -> None:
+    """The outbox records an email only when it has a body; the simulator answers the same set,
+    so no simulated outcome names a trajectory that is in no outbox."""
+    from codreamer.events.log import EventLog
+    from codreamer.rewards.simulator import ProspectSimulator
+
+    events = EventLog(tmp_path / "events.jsonl")
+    scorer = RewardScorer(PRODUCT, RewardMixConfig(), events=events, simulator=ProspectSimulator(0))
+    sent, empty = trajectory("t-sent", auto_finalized=False), trajectory("t-empty", auto_finalized=True)
+    empty.metadata["email_body"] = "  "
+    group = art.TrajectoryGroup([sent, empty], metadata={"scenario_id": SCENARIO.scenario_id})
+    await scorer.score([group], [SCENARIO], step=1, emails_sent=True)
+    events.refresh()
+    assert set(events.summaries(["t-sent", "t-empty"])) == {"t-sent"}

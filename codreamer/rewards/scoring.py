@@ -229,7 +229,8 @@ class RewardScorer:
         step: int,
         iteration: int | None = None,
     ) -> tuple[int, int]:
-        """Simulate every trajectory's outcome: (appended to the log now, held back for later)."""
+        """Simulate the outcome of every email that counts as sent (a non-empty body, the outbox's
+        rule: an unsent email gets no outcome): (appended to the log now, held back for later)."""
         if self.simulator is None or self.events is None:
             return 0, 0
         now: list[OnlineOutcome] = []
@@ -237,6 +238,8 @@ class RewardScorer:
         for g in groups:
             prospect = by_id[g.metadata["scenario_id"]].prospect
             for t in g.trajectories:
+                if not str(t.metadata.get("email_body") or "").strip():
+                    continue
                 outcome = self.simulator.simulate(_tid(t), prospect, email_from_trajectory(t), rubric[_tid(t)], step)
                 delay = self.simulator.delay_of(_tid(t)) if self.pending_path is not None else 0
                 if delay and iteration is not None:
