@@ -205,6 +205,36 @@ def _iterations_section(data: RunData) -> list[str]:
     return ["## Iterations", "", *_table(header, rows), ""]
 
 
+def _delayed_credit_section(data: RunData) -> list[str]:
+    """Outcomes that arrived for earlier iterations and the groups they put back into training
+    (`replay/*` of each record); nothing when the run had no online outcomes at all."""
+    if not any(_num(r.get("replay/outcomes_received")) for r in data.records):
+        return []
+    rows = [
+        (
+            str(r.get("iteration", "-")),
+            _fmt(r.get("replay/outcomes_received"), 0),
+            _fmt(r.get("replay/outcome_delay_iterations_mean"), 1),
+            f"{_fmt(r.get('replay/groups'), 0)} / {_fmt(r.get('replay/trajectories'), 0)}",
+            _fmt(r.get("replay/reward_change_mean"), signed=True),
+            _fmt(r.get("replay/window_events"), 0),
+            _fmt(r.get("replay/outcomes_unknown"), 0),
+        )
+        for r in data.records
+    ]
+    header = (
+        "iter", "outcomes received", "mean delay (iterations)", "groups / trajectories replayed",
+        "reward change", "no-reply (window)", "unknown ids",
+    )  # fmt: skip
+    source = _public_settings(data.meta).get("outcomes")
+    note = (
+        "Outcomes from the seeded ProspectSimulator (simulated, not real data)."
+        if source == "simulator"
+        else "Outcomes from the event log (ingest / webhook)."
+    )
+    return ["## Delayed credit", "", *_table(header, rows), "", note, ""]
+
+
 def _eval_columns(data: RunData, r: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """Held-out mean, CI and delta vs base of a record: from the history, else the stored evaluation."""
     mean, low, high, delta = (
@@ -382,6 +412,7 @@ def render_markdown(data: RunData) -> str:
     sections = [
         _overview(data, summary),
         _iterations_section(data),
+        _delayed_credit_section(data),
         _eval_sections(data),
         _timings_section(data),
         _llm_section(data),

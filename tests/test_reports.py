@@ -233,3 +233,29 @@ def test_report_labels_the_warm_start_shows_behaviour_and_emails_before_and_afte
     assert "| reward | 0.000 (auto-finalised) | 0.900 |" in text
     assert "| subject | You are \\| Maya | Idea for Acme |" in text  # a pipe cannot break the table
     assert "| body | You are Maya.<br>Call tools | Hi Dana,<br><br>A note.<br><br>Best,<br>Maya |" in text
+
+
+def test_delayed_credit_section_shows_replay_per_iteration_only_when_outcomes_arrived(tmp_path: Path) -> None:
+    quiet = tmp_path / "run-quiet"
+    write_run_json(quiet)
+    append_record(quiet / "iterations.jsonl", record(1, 0.3, **{"replay/outcomes_received": 0.0}))
+    assert "## Delayed credit" not in write_run_report(quiet)[0].read_text()
+
+    directory = tmp_path / "run-replay"
+    write_run_json(directory)
+    replay = {
+        "replay/outcomes_received": 6.0,
+        "replay/outcome_delay_iterations_mean": 1.0,
+        "replay/groups": 2.0,
+        "replay/trajectories": 8.0,
+        "replay/reward_change_mean": -0.127,
+        "replay/window_events": 3.0,
+        "replay/outcomes_unknown": 1.0,
+    }
+    append_record(directory / "iterations.jsonl", record(1, 0.3))
+    append_record(directory / "iterations.jsonl", record(2, 0.4, **replay))
+    text = write_run_report(directory)[0].read_text()
+    assert "## Delayed credit" in text
+    assert "| 2 | 6 | 1.0 | 2 / 8 | -0.127 | 3 | 1 |" in text
+    assert "| 1 | - | - | - / - | - | - | - |" in text
+    assert "Outcomes from the event log" in text
