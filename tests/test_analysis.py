@@ -64,11 +64,6 @@ GOOD_PARTS = {
 SYSTEM = {"role": "system", "content": "You are Sam Lee, Account Executive. Write a first outreach email."}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # --------------------------------------------------------------------------- builders
 
 

@@ -8,35 +8,19 @@ Small on purpose (2 rollouts of 8 tokens, rank-4 LoRA): about half a minute on 2
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import art
 import pytest
-import torch
 
 from codreamer.backends.embedded.backend import EmbeddedBackend, ModelIdentityError, checkpoints_dir
 from codreamer.backends.embedded.policy import GRPOConfig
 from codreamer.backends.embedded.weights import EMBEDDED_MODEL_NAME
 from codreamer.config import Settings
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 3? Answer with a number."}]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One thread: on a shared 2-core machine two threads run ~3x slower (DESIGN.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(tmp_path: Path, run_name: str = "run-a", base_model: str = EMBEDDED_MODEL_NAME) -> art.TrainableModel:

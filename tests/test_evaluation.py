@@ -216,11 +216,6 @@ def test_summary_is_a_pydantic_model() -> None:
 
 
 # ------------------------------------------------------------------------------ generation
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _scenario(pid: str) -> Scenario:
     company = Company(
         name="Acme", industry="logistics", employees=50, headquarters="Oslo", recent_news="News.", tech_stack=[]

@@ -8,7 +8,6 @@ answer is the policy's own greedy sample.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,10 @@ from codreamer.backends.embedded.policy import GRPOConfig, Policy
 from codreamer.backends.embedded.weights import load_embedded_model
 from codreamer.config import Settings
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 
 CACHE = Settings().model_cache_dir
 NEW_TOKENS = 10
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,6 @@ FINAL = {"subject": "A quick idea", "body": "Hi there, a short note. Best, Sam"}
 CONFIG = RolloutConfig(max_turns=1, request_timeout_s=30, inference_attempts=1, retry_initial_s=0.0, retry_max_s=0.0)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _model(server: LoopbackOpenAI) -> art.Model:
     return art.Model(
         name="t", project="t", inference_base_url=server.base_url, inference_api_key="x", inference_model_name="t"

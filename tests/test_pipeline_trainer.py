@@ -30,11 +30,6 @@ pytestmark = pytest.mark.timeout(300)
 QUESTION = [{"role": "user", "content": "What is 2 + 3? Answer with a number."}]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(autouse=True)
 def quiet_and_single_threaded(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in ("WANDB_API_KEY", "WANDB_MODE"):

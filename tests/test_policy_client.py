@@ -29,11 +29,6 @@ REQUEST = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_c
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def scenario() -> Scenario:
     company = Company(
         name="Nordwind", industry="logistics", employees=850, headquarters="Hamburg", recent_news="Leipzig."

@@ -50,11 +50,6 @@ def client(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def product() -> Product:
     return Product(
         name="FreightPilot",

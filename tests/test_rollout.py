@@ -33,11 +33,6 @@ NEWS = "Opened a new fulfilment centre in Leipzig in May."
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def scenario() -> Scenario:
     company = Company(
         name="Nordwind Logistics",

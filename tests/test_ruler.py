@@ -31,11 +31,6 @@ EMAILS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture
 def log_lines() -> list[str]:
     lines: list[str] = []

@@ -58,11 +58,6 @@ Best,
 Maya Lindqvist"""
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def trajectory(tid: str, *, auto_finalized: bool) -> art.Trajectory:
     return art.Trajectory(
         messages_and_choices=[{"role": "user", "content": "write"}, {"role": "assistant", "content": BODY}],

@@ -31,11 +31,6 @@ VOCAB = 64
 PAD, EOS, IM_END, UNK = 0, 1, 2, 3
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class FakeCharTokenizer:
     """Test double for the HF tokenizer: one token per character, ids 4..63, short prompts.
 

@@ -141,8 +141,3 @@ async def test_train_sft_through_arts_api_lowers_the_demo_loss_and_checkpoints(t
         assert (tmp_path / "p" / "models" / "sft" / "checkpoints" / "0002" / "adapter_model.safetensors").is_file()
     finally:
         await backend.close()
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"

@@ -28,11 +28,6 @@ SECRET = "sk-test-secret-never-traced"
 REQUEST = {"model": "t", "messages": [{"role": "user", "content": "hi " * 3000}], "max_completion_tokens": 8}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _name(op_name: str) -> str:
     """`weave:///team/codreamer/op/chat_completion:<digest>` -> `chat_completion`."""
     return op_name.rsplit("/", 1)[-1].split(":", 1)[0]
