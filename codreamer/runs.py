@@ -14,13 +14,17 @@ a hostile id (`../../x`, `/abs/dir`) or a symlink out of the runs folder is refu
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from codreamer.config import Settings
-from codreamer.errors import UserError
+from codreamer.errors import UsageError, UserError
 from codreamer.paths import check_name, is_inside, is_safe_name, resolve_inside
 from codreamer.storage import write_json_atomic
 
@@ -29,6 +33,7 @@ __all__ = [
     "ITERATIONS_FILE",
     "LOG_FILE",
     "RUN_FILE",
+    "RunBusyError",
     "RunFileError",
     "find_run",
     "find_run_in",
@@ -40,6 +45,7 @@ __all__ = [
     "read_json_file",
     "read_run_file",
     "run_dir",
+    "run_lock",
     "write_json_atomic",  # re-exported for callers not yet importing it from codreamer.storage
 ]
 
@@ -151,3 +157,34 @@ def list_runs(settings: Settings) -> list[Path]:
 def find_run(settings: Settings, run_id: str) -> Path:
     """The settings' project's run `run_id` (see `find_run_in`)."""
     return find_run_in(models_root(settings), run_id)
+
+
+LOCK_FILE = "run.lock"
+
+
+class RunBusyError(UsageError):
+    """Another process has this run open: two writers would duplicate its iterations."""
+
+
+@contextmanager
+def run_lock(directory: Path, run_id: str) -> Iterator[None]:
+    """Hold `<run dir>/run.lock` (an exclusive flock) while the run is open.
+
+    The kernel drops the lock when the process dies, so a kill -9 never leaves a stale lock;
+    a second `learn-loop --run-id X` while X runs is refused instead of interleaving records.
+    """
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise RunBusyError(
+                f"run {run_id!r} is open in another process (pid {holder}); wait for it or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

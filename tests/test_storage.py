@@ -271,3 +271,15 @@ def test_secret_values_never_reach_a_json_file_by_accident(tmp_path: Path) -> No
     write_json_atomic(path, {"key": SecretStr("sk-live-123")})
     append_jsonl(tmp_path / "log.jsonl", [{"key": SecretStr("sk-live-123")}])
     assert "sk-live-123" not in path.read_text() + (tmp_path / "log.jsonl").read_text()
+
+
+def test_a_run_open_in_one_place_is_refused_in_another_and_free_after(tmp_path: Path) -> None:
+    from codreamer.runs import RunBusyError, run_lock
+
+    with run_lock(tmp_path, "r1"):
+        assert (tmp_path / "run.lock").read_text() == str(os.getpid())
+        busy = rf"run 'r1' is open in another process \(pid {os.getpid()}\)"
+        with pytest.raises(RunBusyError, match=busy), run_lock(tmp_path, "r1"):
+            pass
+    with run_lock(tmp_path, "r1"):  # released on exit (and by the kernel when a process dies)
+        pass

@@ -46,7 +46,7 @@ from codreamer.rewards.blend import RewardMixConfig
 from codreamer.rewards.ruler import JudgeConfig
 from codreamer.rewards.scoring import RewardScorer
 from codreamer.rewards.simulator import ProspectSimulator
-from codreamer.runs import ITERATIONS_FILE, LOG_FILE, RUN_FILE, new_run_id, read_run_file, run_dir
+from codreamer.runs import ITERATIONS_FILE, LOG_FILE, RUN_FILE, new_run_id, read_run_file, run_dir, run_lock
 from codreamer.storage import write_json_atomic
 from codreamer.tracking import TrackingSession, disabled_session, init_tracking
 from codreamer.usage import LLMPrices, UsageLedger, using_ledger
@@ -252,27 +252,30 @@ async def open_run(settings: Settings, kind: LoopKind) -> AsyncIterator[Run]:
     directory = run_dir(settings, run_id)
     resuming = (directory / RUN_FILE).is_file()
     directory.mkdir(parents=True, exist_ok=True)
-    configure_logging(log_file=directory / LOG_FILE)
-    with logger.contextualize(run_id=run_id):
-        if resuming:
-            check_resume_settings(directory, settings)
-        tracking = init_tracking(settings, directory, run_id, resuming)
-        run = await _wire(settings, kind, run_id, directory, tracking)
-        _write_run_file(directory, run_id, kind, settings, "running")
-        status = "failed"
-        try:
-            with ExitStack() as stack:
-                stack.enter_context(recording_to(directory))
-                stack.enter_context(using_ledger(run.usage))
-                stack.enter_context(counting_retries(run.retries))
-                yield run
-            status = "finished"
-            logger.info("done: run {} at step {}; history in {}", run_id, await run.model.get_step(), run.history_path)
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            status = "interrupted"
-            raise
-        finally:
-            await _close(run, kind, status)
+    with run_lock(directory, run_id):
+        configure_logging(log_file=directory / LOG_FILE)
+        with logger.contextualize(run_id=run_id):
+            if resuming:
+                check_resume_settings(directory, settings)
+            tracking = init_tracking(settings, directory, run_id, resuming)
+            run = await _wire(settings, kind, run_id, directory, tracking)
+            _write_run_file(directory, run_id, kind, settings, "running")
+            status = "failed"
+            try:
+                with ExitStack() as stack:
+                    stack.enter_context(recording_to(directory))
+                    stack.enter_context(using_ledger(run.usage))
+                    stack.enter_context(counting_retries(run.retries))
+                    yield run
+                status = "finished"
+                logger.info(
+                    "done: run {} at step {}; history in {}", run_id, await run.model.get_step(), run.history_path
+                )
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                status = "interrupted"
+                raise
+            finally:
+                await _close(run, kind, status)
 
 
 async def _close(run: Run, kind: LoopKind, status: str) -> None:
